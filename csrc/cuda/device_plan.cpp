@@ -1,0 +1,69 @@
+// CUDA side of device_plan.h. Host C++ (torch APIs), compiled only in CUDA builds.
+#include "../device_plan.h"
+
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include <cstring>
+#include <deque>
+#include <functional>
+#include <mutex>
+#include <string_view>
+
+namespace fused_optim {
+namespace {
+
+struct CachedPlan {
+  at::Device device{at::kCPU};
+  std::vector<uint8_t> key;  // the host bytes: the plan is reused only on an exact match
+  at::Tensor host;           // pinned copy, kept alive: a captured graph replays the copy from it
+  at::Tensor plan;           // device copy
+  at::Tensor counters;       // int32 zeros
+  bool captured = false;     // created under stream capture: never evicted
+};
+
+constexpr size_t kMaxCached = 64;
+std::mutex cache_mutex;
+std::deque<CachedPlan> cache;  // most recently used first
+
+}  // namespace
+
+DevicePlan upload_plan(const std::vector<uint8_t>& bytes, size_t records_size, int32_t n_tensors,
+                       const at::Device& device) {
+  std::lock_guard<std::mutex> lock(cache_mutex);
+  for (auto it = cache.begin(); it != cache.end(); ++it) {
+    if (it->device == device && it->key == bytes) {
+      if (it != cache.begin()) {
+        cache.push_front(std::move(*it));
+        cache.erase(std::next(it));
+      }
+      break;
+    }
+  }
+  if (cache.empty() || cache.front().device != device || cache.front().key != bytes) {
+    c10::cuda::CUDAGuard guard(device);
+    CachedPlan entry;
+    entry.device = device;
+    entry.key = bytes;
+    const int64_t n = static_cast<int64_t>(bytes.size());
+    entry.host = at::empty({n}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+    std::memcpy(entry.host.data_ptr(), bytes.data(), bytes.size());
+    entry.plan = entry.host.to(device, /*non_blocking=*/true);
+    entry.counters = at::zeros({std::max<int32_t>(n_tensors, 1)},
+                               at::TensorOptions().dtype(at::kInt).device(device));
+    entry.captured = at::cuda::currentStreamCaptureStatus() != at::cuda::CaptureStatus::None;
+    cache.push_front(std::move(entry));
+    // Evict the least recently used plans that no captured graph may depend on.
+    for (size_t i = cache.size(); cache.size() > kMaxCached && i-- > 1;) {
+      if (!cache[i].captured) cache.erase(cache.begin() + static_cast<std::ptrdiff_t>(i));
+    }
+  }
+  const CachedPlan& hit = cache.front();
+  DevicePlan out;
+  out.records = hit.plan.data_ptr();
+  out.items = static_cast<const uint8_t*>(hit.plan.data_ptr()) + records_size;
+  out.counters = hit.counters.data_ptr<int32_t>();
+  return out;
+}
+
+}  // namespace fused_optim

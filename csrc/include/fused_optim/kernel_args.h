@@ -1,0 +1,73 @@
+// Arguments of one multi-tensor call, as the kernels see them. Torch-free on purpose: the
+// CUDA sources include this header and nothing from torch. csrc/ops.cpp fills these structs
+// (checks, dtype codes, host work plan); the CPU kernels read them as they are, the CUDA
+// binding swaps the plan pointers for device copies before launching.
+#pragma once
+
+#include <stdint.h>
+
+#include "fused_optim/math/clip.h"
+#include "fused_optim/multi_tensor.h"
+
+namespace fused_optim {
+
+struct AdamArgs {
+  const AdamTensor* tensors = nullptr;
+  int32_t n_tensors = 0;
+  const WorkItem* items = nullptr;
+  int64_t n_items = 0;
+  // CUDA only: n_tensors zeroed counters. The last block to finish a tensor writes its step;
+  // it resets the counter to zero, so the buffer can be reused (and graph-captured).
+  int32_t* done_counters = nullptr;
+
+  DType param_dtype = DType::kFloat32;  // grads have the param dtype
+  DType state_dtype = DType::kFloat32;
+
+  double lr = 0.0;
+  const void* lr_ptr = nullptr;  // when set, lr is read from here (float32 or float64)
+  bool lr_is_f64 = false;
+  double beta1 = 0.9, beta2 = 0.999, eps = 1e-8, weight_decay = 0.0;
+  bool decoupled = false, amsgrad = false, maximize = false;
+  bool adax = false;  // per-step scalars from adax_step_scalars instead of adam_step_scalars
+
+  // Optional float32 scalars on the params' device (GradScaler protocol, fused clipping).
+  const float* grad_scale = nullptr;
+  const float* found_inf = nullptr;  // non-zero: skip the step, touch nothing
+  const float* clip_coef = nullptr;
+};
+
+// Per-work-item partial results of a p-norm, written in double to `partials[item]`.
+struct NormPartialsArgs {
+  const FlatTensor* tensors = nullptr;
+  int32_t n_tensors = 0;
+  const WorkItem* items = nullptr;
+  int64_t n_items = 0;
+  DType dtype = DType::kFloat32;
+  NormKind kind = NormKind::kTwo;
+  float p = 2.0f;
+  double* partials = nullptr;
+};
+
+// Reduces partials in a fixed order (deterministic) into the total norm and clip coefficient.
+struct NormFinalizeArgs {
+  const double* partials = nullptr;
+  int64_t n_partials = 0;
+  NormKind kind = NormKind::kTwo;
+  double p = 2.0;
+  double max_norm = 0.0;
+  const float* grad_scale = nullptr;  // the norm of grads / grad_scale is reported
+  float* total_norm = nullptr;
+  float* clip_coef = nullptr;
+};
+
+// tensors[i] *= *coef, in place.
+struct ScaleArgs {
+  const FlatTensor* tensors = nullptr;
+  int32_t n_tensors = 0;
+  const WorkItem* items = nullptr;
+  int64_t n_items = 0;
+  DType dtype = DType::kFloat32;
+  const float* coef = nullptr;
+};
+
+}  // namespace fused_optim

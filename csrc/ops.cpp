@@ -1,0 +1,418 @@
+// The fused_optim operator library: schemas (TORCH_LIBRARY) and the CPU / CUDA
+// implementations (TORCH_LIBRARY_IMPL), so torch.ops.fused_optim.* dispatches on the tensors'
+// device. This file checks inputs, fixes up unusual memory layouts, builds the multi-tensor
+// work plan and hands it to the kernels of csrc/cpu or csrc/cuda.
+#include <Python.h>
+
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <cstring>
+#include <optional>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "device_plan.h"
+#include "fused_optim/kernels.h"
+
+#ifdef FO_WITH_CUDA
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#endif
+
+namespace fused_optim {
+namespace {
+
+DType to_dtype(const at::Tensor& t, const char* what) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return DType::kFloat32;
+    case at::kHalf: return DType::kFloat16;
+    case at::kBFloat16: return DType::kBFloat16;
+    default:
+      TORCH_CHECK_TYPE(false, "fused_optim: ", what, " has dtype ", t.scalar_type(),
+                       "; supported dtypes are float32, float16 and bfloat16");
+  }
+}
+
+void check_plain(const at::Tensor& t, const char* what, int64_t i) {
+  TORCH_CHECK(t.defined(), "fused_optim: ", what, "[", i, "] is undefined");
+  TORCH_CHECK(t.layout() == at::kStrided, "fused_optim: ", what, "[", i,
+              "] is sparse; fused optimizers support dense tensors only");
+  TORCH_CHECK_TYPE(!t.is_complex(), "fused_optim: ", what, "[", i,
+                   "] is complex; view it as real (torch.view_as_real) first");
+}
+
+void check_same_device(const at::Tensor& t, const at::Device& device, const char* what,
+                       int64_t i) {
+  TORCH_CHECK(t.device() == device, "fused_optim: ", what, "[", i, "] is on ", t.device(),
+              " but params[0] is on ", device, "; one call takes tensors of one device");
+}
+
+void check_scalar_tensor(const std::optional<at::Tensor>& t, const at::Device& device,
+                         const char* what) {
+  if (!t.has_value()) return;
+  TORCH_CHECK(t->numel() == 1 && t->scalar_type() == at::kFloat, "fused_optim: ", what,
+              " must be a one-element float32 tensor, got ", t->scalar_type(), " with ",
+              t->numel(), " elements");
+  TORCH_CHECK(t->device() == device, "fused_optim: ", what, " is on ", t->device(),
+              " but the params are on ", device);
+}
+
+const float* ptr_or_null(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? t->data_ptr<float>() : nullptr;
+}
+
+// The kernels walk each tensor as flat memory, so all tensors of one index must share one
+// dense layout. Params, grads and states almost always do; when one does not (a strided
+// view param, a grad assigned with other strides) it goes through a dense working copy.
+class Layouts {
+ public:
+  // Returns the tensor to hand to the kernel for `t`, laid out like `ref`.
+  at::Tensor use(const at::Tensor& t, const at::Tensor& ref, bool written) {
+    if (t.is_non_overlapping_and_dense() && t.strides() == ref.strides()) return t;
+    at::Tensor work = at::empty_like(ref);
+    work.copy_(t);
+    if (written) write_back_.emplace_back(t, work);
+    return work;
+  }
+  // The layout the kernel uses for a param: its own when dense, else contiguous.
+  static at::Tensor reference(const at::Tensor& param) {
+    return param.is_non_overlapping_and_dense() ? param
+                                                : at::empty_like(param, at::MemoryFormat::Contiguous);
+  }
+  void finish() {
+    for (auto& [dst, src] : write_back_) dst.copy_(src);
+  }
+
+ private:
+  std::vector<std::pair<at::Tensor, at::Tensor>> write_back_;
+};
+
+std::vector<WorkItem> make_items(const std::vector<int64_t>& numels) {
+  std::vector<WorkItem> items;
+  for (size_t i = 0; i < numels.size(); ++i) {
+    const int64_t chunks = num_chunks(numels[i]);
+    TORCH_CHECK(chunks <= INT32_MAX, "fused_optim: tensor ", i, " is too large");
+    for (int64_t c = 0; c < chunks; ++c) {
+      items.push_back({static_cast<int32_t>(i), static_cast<int32_t>(c)});
+    }
+  }
+  return items;
+}
+
+// Records followed by work items, in one buffer (one upload on CUDA).
+template <typename Record>
+std::vector<uint8_t> pack_plan(const std::vector<Record>& records,
+                               const std::vector<WorkItem>& items) {
+  const size_t rec_bytes = records.size() * sizeof(Record);
+  std::vector<uint8_t> bytes(rec_bytes + items.size() * sizeof(WorkItem));
+  std::memcpy(bytes.data(), records.data(), rec_bytes);
+  std::memcpy(bytes.data() + rec_bytes, items.data(), items.size() * sizeof(WorkItem));
+  return bytes;
+}
+
+// Runs `cpu(args)` or, on CUDA, uploads the plan and runs `cuda(args, stream)`.
+template <typename Args, typename Record, typename CpuFn, typename CudaFn>
+void run_plan(Args args, const std::vector<Record>& records, const std::vector<WorkItem>& items,
+              const at::Device& device, CpuFn cpu, CudaFn cuda, int32_t** counters = nullptr) {
+  args.n_tensors = static_cast<int32_t>(records.size());
+  args.n_items = static_cast<int64_t>(items.size());
+  if (device.is_cpu()) {
+    args.tensors = records.data();
+    args.items = items.data();
+    cpu(args);
+    return;
+  }
+#ifdef FO_WITH_CUDA
+  TORCH_CHECK(device.is_cuda(), "fused_optim: unsupported device ", device);
+  c10::cuda::CUDAGuard guard(device);
+  const DevicePlan plan = upload_plan(pack_plan(records, items), records.size() * sizeof(Record),
+                                      args.n_tensors, device);
+  args.tensors = static_cast<const Record*>(plan.records);
+  args.items = static_cast<const WorkItem*>(plan.items);
+  if (counters != nullptr) *counters = plan.counters;
+  cuda(args, at::cuda::getCurrentCUDAStream(device.index()).stream());
+#else
+  (void)cuda;
+  (void)counters;
+  TORCH_CHECK(false, "fused_optim: this build has no CUDA kernels (device ", device, ")");
+#endif
+}
+
+// ---- Adam family -------------------------------------------------------------------------
+
+void adam_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+           at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList steps,
+           double lr, const std::optional<at::Tensor>& lr_tensor, double beta1, double beta2,
+           double eps, double weight_decay, bool decoupled, bool amsgrad, bool maximize,
+           bool adax, const std::optional<at::Tensor>& grad_scale,
+           const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& clip_coef) {
+  const size_t n = params.size();
+  TORCH_CHECK(grads.size() == n && exp_avgs.size() == n && exp_avg_sqs.size() == n &&
+                  steps.size() == n,
+              "fused_optim: params, grads, exp_avgs, exp_avg_sqs and state_steps must have the "
+              "same length, got ", n, ", ", grads.size(), ", ", exp_avgs.size(), ", ",
+              exp_avg_sqs.size(), ", ", steps.size());
+  TORCH_CHECK(!amsgrad || max_exp_avg_sqs.size() == n,
+              "fused_optim: amsgrad needs one max_exp_avg_sq per param");
+  if (n == 0) return;
+  const at::Device device = params[0].device();
+  check_scalar_tensor(grad_scale, device, "grad_scale");
+  check_scalar_tensor(found_inf, device, "found_inf");
+  check_scalar_tensor(clip_coef, device, "clip_coef");
+  if (lr_tensor.has_value()) {
+    TORCH_CHECK(lr_tensor->numel() == 1 && (lr_tensor->scalar_type() == at::kFloat ||
+                                            lr_tensor->scalar_type() == at::kDouble),
+                "fused_optim: a tensor lr must be a one-element float32 or float64 tensor");
+    TORCH_CHECK(lr_tensor->device() == device, "fused_optim: lr is on ", lr_tensor->device(),
+                " but the params are on ", device);
+  }
+  const DType p_dtype = to_dtype(params[0], "params[0]");
+  const DType s_dtype = to_dtype(exp_avgs[0], "exp_avgs[0]");
+
+  Layouts layouts;
+  std::vector<AdamTensor> records(n);
+  std::vector<int64_t> numels(n);
+  for (size_t i = 0; i < n; ++i) {
+    const auto ii = static_cast<int64_t>(i);
+    check_plain(params[i], "params", ii);
+    check_plain(grads[i], "grads", ii);
+    check_same_device(grads[i], device, "grads", ii);
+    check_same_device(exp_avgs[i], device, "exp_avgs", ii);
+    check_same_device(exp_avg_sqs[i], device, "exp_avg_sqs", ii);
+    check_same_device(params[i], device, "params", ii);
+    TORCH_CHECK_TYPE(params[i].scalar_type() == params[0].scalar_type() &&
+                         grads[i].scalar_type() == params[0].scalar_type(),
+                     "fused_optim: params[", i, "] and grads[", i, "] must both have dtype ",
+                     params[0].scalar_type(), " (one call per dtype), got ",
+                     params[i].scalar_type(), " and ", grads[i].scalar_type());
+    to_dtype(params[i], "params");
+    TORCH_CHECK_TYPE(exp_avgs[i].scalar_type() == exp_avgs[0].scalar_type() &&
+                         exp_avg_sqs[i].scalar_type() == exp_avgs[0].scalar_type(),
+                     "fused_optim: optimizer states must share one dtype per call");
+    TORCH_CHECK(grads[i].numel() == params[i].numel() && exp_avgs[i].numel() == params[i].numel() &&
+                    exp_avg_sqs[i].numel() == params[i].numel(),
+                "fused_optim: params[", i, "], its grad and its states differ in size");
+    TORCH_CHECK(steps[i].numel() == 1 && steps[i].scalar_type() == at::kFloat &&
+                    steps[i].device() == device,
+                "fused_optim: state_steps[", i, "] must be a one-element float32 tensor on ",
+                device);
+    const at::Tensor ref = Layouts::reference(params[i]);
+    AdamTensor& r = records[i];
+    r.param = layouts.use(params[i], ref, true).data_ptr();
+    r.grad = layouts.use(grads[i], ref, false).data_ptr();
+    r.exp_avg = layouts.use(exp_avgs[i], ref, true).data_ptr();
+    r.exp_avg_sq = layouts.use(exp_avg_sqs[i], ref, true).data_ptr();
+    if (amsgrad) {
+      check_same_device(max_exp_avg_sqs[i], device, "max_exp_avg_sqs", ii);
+      TORCH_CHECK_TYPE(max_exp_avg_sqs[i].scalar_type() == exp_avgs[0].scalar_type() &&
+                           max_exp_avg_sqs[i].numel() == params[i].numel(),
+                       "fused_optim: max_exp_avg_sqs[", i, "] must match exp_avgs in dtype and size");
+      r.max_exp_avg_sq = layouts.use(max_exp_avg_sqs[i], ref, true).data_ptr();
+    }
+    r.step = steps[i].data_ptr<float>();
+    r.numel = params[i].numel();
+    numels[i] = r.numel;
+  }
+
+  AdamArgs args;
+  args.param_dtype = p_dtype;
+  args.state_dtype = s_dtype;
+  args.lr = lr;
+  if (lr_tensor.has_value()) {
+    args.lr_ptr = lr_tensor->data_ptr();
+    args.lr_is_f64 = lr_tensor->scalar_type() == at::kDouble;
+  }
+  args.beta1 = beta1;
+  args.beta2 = beta2;
+  args.eps = eps;
+  args.weight_decay = weight_decay;
+  args.decoupled = decoupled;
+  args.amsgrad = amsgrad;
+  args.maximize = maximize;
+  args.adax = adax;
+  args.grad_scale = ptr_or_null(grad_scale);
+  args.found_inf = ptr_or_null(found_inf);
+  args.clip_coef = ptr_or_null(clip_coef);
+
+  int32_t* counters = nullptr;
+  run_plan(
+      args, records, make_items(numels), device, [](const AdamArgs& a) { adam_cpu(a); },
+      [&counters](AdamArgs a, auto stream) {
+        a.done_counters = counters;
+#ifdef FO_WITH_CUDA
+        adam_cuda(a, stream);
+#else
+        (void)a;
+        (void)stream;
+#endif
+      },
+      &counters);
+  layouts.finish();
+}
+
+// ---- Global norm, clip coefficient, scaling ------------------------------------------------
+
+NormKind norm_kind(double norm_type) {
+  TORCH_CHECK_VALUE(norm_type > 0.0, "fused_optim: norm_type must be positive or inf, got ",
+                    norm_type);
+  if (norm_type == 2.0) return NormKind::kTwo;
+  if (std::isinf(norm_type)) return NormKind::kInf;
+  return NormKind::kP;
+}
+
+// Groups the tensors by dtype, keeping order within a dtype, with dense views of each.
+struct FlatGroups {
+  std::vector<DType> dtypes;
+  std::vector<std::vector<FlatTensor>> records;
+  std::vector<std::vector<int64_t>> numels;
+};
+
+FlatGroups flat_groups(at::TensorList tensors, const at::Device& device, const char* what,
+                       std::vector<at::Tensor>& keep_alive, bool writable) {
+  FlatGroups g;
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    const at::Tensor& t = tensors[i];
+    check_plain(t, what, static_cast<int64_t>(i));
+    check_same_device(t, device, what, static_cast<int64_t>(i));
+    const DType dt = to_dtype(t, what);
+    at::Tensor dense = t;
+    if (!t.is_non_overlapping_and_dense()) {
+      TORCH_CHECK(!writable, "fused_optim: ", what, "[", i,
+                  "] is not dense in memory; it cannot be scaled in place");
+      dense = t.contiguous();
+      keep_alive.push_back(dense);
+    }
+    size_t k = 0;
+    while (k < g.dtypes.size() && g.dtypes[k] != dt) ++k;
+    if (k == g.dtypes.size()) {
+      g.dtypes.push_back(dt);
+      g.records.emplace_back();
+      g.numels.emplace_back();
+    }
+    g.records[k].push_back({dense.data_ptr(), dense.numel()});
+    g.numels[k].push_back(dense.numel());
+  }
+  return g;
+}
+
+std::tuple<at::Tensor, at::Tensor> global_norm(at::TensorList tensors, double norm_type,
+                                               double max_norm,
+                                               const std::optional<at::Tensor>& grad_scale) {
+  TORCH_CHECK(!tensors.empty(), "fused_optim: global_norm needs at least one tensor");
+  const at::Device device = tensors[0].device();
+  check_scalar_tensor(grad_scale, device, "grad_scale");
+  const NormKind kind = norm_kind(norm_type);
+  std::vector<at::Tensor> keep_alive;
+  const FlatGroups g = flat_groups(tensors, device, "tensors", keep_alive, false);
+
+  std::vector<std::vector<WorkItem>> items;
+  int64_t n_partials = 0;
+  for (const auto& numels : g.numels) {
+    items.push_back(make_items(numels));
+    n_partials += static_cast<int64_t>(items.back().size());
+  }
+  const auto f32 = at::TensorOptions().dtype(at::kFloat).device(device);
+  at::Tensor partials = at::empty({n_partials}, f32.dtype(at::kDouble));
+  at::Tensor total_norm = at::empty({}, f32);
+  at::Tensor clip_coef = at::empty({}, f32);
+
+  int64_t offset = 0;
+  for (size_t k = 0; k < g.dtypes.size(); ++k) {
+    NormPartialsArgs a;
+    a.dtype = g.dtypes[k];
+    a.kind = kind;
+    a.p = static_cast<float>(norm_type);
+    a.partials = partials.data_ptr<double>() + offset;
+    run_plan(
+        a, g.records[k], items[k], device, [](const NormPartialsArgs& x) { norm_partials_cpu(x); },
+        [](const NormPartialsArgs& x, auto stream) {
+#ifdef FO_WITH_CUDA
+          norm_partials_cuda(x, stream);
+#else
+          (void)x;
+          (void)stream;
+#endif
+        });
+    offset += static_cast<int64_t>(items[k].size());
+  }
+  NormFinalizeArgs f;
+  f.partials = partials.data_ptr<double>();
+  f.n_partials = n_partials;
+  f.kind = kind;
+  f.p = norm_type;
+  f.max_norm = max_norm;
+  f.grad_scale = ptr_or_null(grad_scale);
+  f.total_norm = total_norm.data_ptr<float>();
+  f.clip_coef = clip_coef.data_ptr<float>();
+  if (device.is_cpu()) {
+    norm_finalize_cpu(f);
+  } else {
+#ifdef FO_WITH_CUDA
+    c10::cuda::CUDAGuard guard(device);
+    norm_finalize_cuda(f, at::cuda::getCurrentCUDAStream(device.index()).stream());
+#endif
+  }
+  return {total_norm, clip_coef};
+}
+
+void scale_(at::TensorList tensors, const at::Tensor& coef) {
+  if (tensors.empty()) return;
+  const at::Device device = tensors[0].device();
+  check_scalar_tensor(coef, device, "coef");
+  std::vector<at::Tensor> keep_alive;
+  const FlatGroups g = flat_groups(tensors, device, "tensors", keep_alive, true);
+  for (size_t k = 0; k < g.dtypes.size(); ++k) {
+    ScaleArgs a;
+    a.dtype = g.dtypes[k];
+    a.coef = coef.data_ptr<float>();
+    run_plan(
+        a, g.records[k], make_items(g.numels[k]), device, [](const ScaleArgs& x) { scale_cpu(x); },
+        [](const ScaleArgs& x, auto stream) {
+#ifdef FO_WITH_CUDA
+          scale_cuda(x, stream);
+#else
+          (void)x;
+          (void)stream;
+#endif
+        });
+  }
+}
+
+}  // namespace
+
+TORCH_LIBRARY(fused_optim, m) {
+  m.def(
+      "adam_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
+      "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] state_steps, *, "
+      "float lr, Tensor? lr_tensor, float beta1, float beta2, float eps, float weight_decay, "
+      "bool decoupled, bool amsgrad, bool maximize, bool adax, Tensor? grad_scale, "
+      "Tensor? found_inf, Tensor? clip_coef) -> ()");
+  m.def(
+      "global_norm(Tensor[] tensors, float norm_type, float max_norm, Tensor? grad_scale) "
+      "-> (Tensor total_norm, Tensor clip_coef)");
+  m.def("scale_(Tensor(a!)[] tensors, Tensor coef) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(fused_optim, CPU, m) {
+  m.impl("adam_", &adam_);
+  m.impl("global_norm", &global_norm);
+  m.impl("scale_", &scale_);
+}
+
+#ifdef FO_WITH_CUDA
+TORCH_LIBRARY_IMPL(fused_optim, CUDA, m) {
+  m.impl("adam_", &adam_);
+  m.impl("global_norm", &global_norm);
+  m.impl("scale_", &scale_);
+}
+#endif
+
+}  // namespace fused_optim
+
+// fused_optim._C is imported for its side effect of registering the ops above.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module);
+}

@@ -1,0 +1,136 @@
+"""Backend registry: which implementation runs an algorithm for tensors on a given device.
+
+Every backend exposes the same three functions (see fused_optim/functional.py for the
+arguments): adam(...), global_norm(tensors, norm_type, max_norm, grad_scale) -> (norm, coef)
+and scale_(tensors, coef).
+
+  cuda       fused_optim._C built with CUDA; CUDA tensors
+  triton     triton installed; CUDA tensors, or CPU tensors under TRITON_INTERPRET=1
+  cpu        fused_optim._C; CPU tensors
+  reference  pure PyTorch; anything
+
+backend="auto" picks cuda > triton > reference on GPU and cpu > reference on CPU. An explicit
+backend (argument or FUSED_OPTIM_BACKEND) that cannot run raises an error saying what is missing.
+"""
+
+import functools
+import importlib.util
+import os
+from types import SimpleNamespace
+
+import torch
+
+from fused_optim import _ext
+
+BACKENDS = ("cuda", "triton", "cpu", "reference")
+_AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")}
+ENV_VAR = "FUSED_OPTIM_BACKEND"
+
+
+def _native_adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, *, lr, **kw):
+    lr_tensor = lr if isinstance(lr, torch.Tensor) else None
+    if lr_tensor is not None and lr_tensor.device != params[0].device:
+        if lr_tensor.device.type != "cpu":
+            raise RuntimeError(f"fused_optim: lr is on {lr_tensor.device} but the params are on {params[0].device}")
+        lr, lr_tensor = float(lr_tensor), None  # a CPU lr for GPU params: reading it is no device sync
+    torch.ops.fused_optim.adam_(
+        params,
+        grads,
+        exp_avgs,
+        exp_avg_sqs,
+        max_exp_avg_sqs,
+        state_steps,
+        lr=0.0 if lr_tensor is not None else float(lr),
+        lr_tensor=lr_tensor,
+        **kw,
+    )
+
+
+def _native():
+    return SimpleNamespace(
+        name="native",
+        adam=_native_adam,
+        global_norm=lambda tensors, norm_type, max_norm, grad_scale=None: torch.ops.fused_optim.global_norm(
+            tensors, float(norm_type), float(max_norm), grad_scale
+        ),
+        scale_=lambda tensors, coef: torch.ops.fused_optim.scale_(tensors, coef),
+    )
+
+
+def _triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def unavailable_reason(name: str, device_type: str) -> str | None:
+    """None when `name` can run on `device_type` tensors, else why not (one sentence)."""
+    if name == "reference":
+        return None
+    if name == "cpu":
+        if device_type != "cpu":
+            return f"the cpu backend runs on CPU tensors, these are on {device_type}"
+        if not _ext.has_kernels("CPU"):
+            return f"the native extension fused_optim._C is not built ({_ext.load_error}); {_ext.BUILD_HINT}"
+        return None
+    if name == "cuda":
+        if device_type != "cuda":
+            return f"the cuda backend runs on CUDA tensors, these are on {device_type}"
+        if not _ext.has_kernels("CUDA"):
+            return (
+                "fused_optim._C was built without CUDA kernels; rebuild with a CUDA toolkit and a "
+                f"CUDA-enabled torch ({_ext.BUILD_HINT})"
+            )
+        return None
+    if name == "triton":
+        if importlib.util.find_spec("triton") is None:
+            return "triton is not installed (pip install triton)"
+        if device_type == "cuda" or (device_type == "cpu" and _triton_interpreted()):
+            return None
+        return f"the triton backend runs on CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), these are on {device_type}"
+    return f"unknown backend {name!r}; choose one of {', '.join(('auto',) + BACKENDS)}"
+
+
+@functools.cache
+def _load(name: str):
+    if name in ("cpu", "cuda"):
+        return _native()
+    if name == "triton":
+        from fused_optim import triton_kernels
+
+        return triton_kernels
+    from fused_optim import _reference
+
+    return _reference
+
+
+def check_name(name: str) -> str:
+    if name != "auto" and name not in BACKENDS:
+        raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {name!r}")
+    return name
+
+
+def resolve(requested: str, device: torch.device) -> str:
+    """The backend name to use for tensors on `device`."""
+    if requested == "auto":
+        requested = os.environ.get(ENV_VAR, "auto") or "auto"
+        if requested != "auto" and requested not in BACKENDS:
+            raise ValueError(f"{ENV_VAR}={requested!r} is not one of {('auto',) + BACKENDS}")
+    if requested == "auto":
+        for name in _AUTO_ORDER.get(device.type, ("reference",)):
+            if unavailable_reason(name, device.type) is None:
+                return name
+        return "reference"
+    reason = unavailable_reason(requested, device.type)
+    if reason is not None:
+        raise RuntimeError(f"fused_optim: backend {requested!r} cannot run: {reason}")
+    return requested
+
+
+def get(requested: str, device: torch.device):
+    """The backend module-like object for tensors on `device`."""
+    return _load(resolve(requested, device))
+
+
+def available_backends(device: str | torch.device = "cpu") -> list[str]:
+    """Backends that can run on tensors of `device`, in auto-selection order."""
+    dev = torch.device(device)
+    return [b for b in BACKENDS if unavailable_reason(b, dev.type) is None]

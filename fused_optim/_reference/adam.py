@@ -1,0 +1,83 @@
+"""Adam, AdamW, AdaX and AdaXW (ALGORITHMS.md sections 1 and 2), one tensor at a time."""
+
+import math
+
+import torch
+
+
+def _math_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _scalar(x) -> float:
+    return float(x.item()) if isinstance(x, torch.Tensor) else float(x)
+
+
+def adam(
+    params,
+    grads,
+    exp_avgs,
+    exp_avg_sqs,
+    max_exp_avg_sqs,
+    state_steps,
+    *,
+    lr,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    decoupled: bool,
+    amsgrad: bool,
+    maximize: bool,
+    adax: bool = False,
+    grad_scale: torch.Tensor | None = None,
+    found_inf: torch.Tensor | None = None,
+    clip_coef: torch.Tensor | None = None,
+) -> None:
+    """One step over lists of tensors, in place. With adax=True, exp_avg_sq holds AdaX's
+    normalised second moment v-hat and beta2 is AdaX's growth increment."""
+    if found_inf is not None and _scalar(found_inf) != 0.0:
+        return  # GradScaler saw an inf/NaN: params and state stay untouched
+    lr = _scalar(lr)
+    for i, param in enumerate(params):
+        md = _math_dtype(param)
+        step_t = state_steps[i]
+        t = _scalar(step_t) + 1.0
+
+        g = grads[i].to(md)
+        if maximize:
+            g = -g
+        if grad_scale is not None:
+            g = g / grad_scale.to(md)
+        if clip_coef is not None:
+            g = g * clip_coef.to(md)
+        theta = param.to(md)
+        m = exp_avgs[i].to(md)
+        v = exp_avg_sqs[i].to(md)
+
+        if weight_decay != 0.0:
+            if decoupled:
+                theta = theta * (1.0 - lr * weight_decay)
+            else:
+                g = g + weight_decay * param.to(md)
+
+        m = m + (1.0 - beta1) * (g - m)
+        if adax:
+            bc = math.expm1(t * math.log1p(beta2))  # (1 + beta2)^t - 1 without overflow
+            v = v + (beta2 / bc) * (g * g - v)
+            theta = theta - lr * m / (v.sqrt() + eps / math.sqrt(bc))
+        else:
+            v = beta2 * v + (1.0 - beta2) * g * g
+            bc1 = 1.0 - beta1**t
+            bc2 = 1.0 - beta2**t
+            second = v
+            if amsgrad:
+                second = torch.maximum(max_exp_avg_sqs[i].to(md), v)
+                max_exp_avg_sqs[i].copy_(second)
+            denom = second.sqrt() / math.sqrt(bc2) + eps
+            theta = theta - (lr / bc1) * m / denom
+
+        param.copy_(theta)
+        exp_avgs[i].copy_(m)
+        exp_avg_sqs[i].copy_(v)
+        step_t.add_(1)

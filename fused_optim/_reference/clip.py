@@ -1,0 +1,22 @@
+"""Global-norm gradient clipping (ALGORITHMS.md section 5): torch.nn.utils.clip_grad_norm_
+semantics, split into the norm and the in-place scaling so optimizers can fold the scaling
+into their update instead."""
+
+import torch
+
+
+def global_norm(tensors, norm_type: float, max_norm: float, grad_scale: torch.Tensor | None = None):
+    """Returns (total_norm, clip_coef) as float32 0-d tensors. With grad_scale, the norm of
+    tensors / grad_scale is reported (GradScaler-scaled gradients)."""
+    md = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+    norms = [torch.linalg.vector_norm(t.to(md), norm_type) for t in tensors]
+    total = torch.linalg.vector_norm(torch.stack(norms), norm_type)
+    if grad_scale is not None:
+        total = total / grad_scale.to(md)
+    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    return total.to(torch.float32), coef.to(torch.float32)
+
+
+def scale_(tensors, coef: torch.Tensor) -> None:
+    for t in tensors:
+        t.mul_(coef.to(t.dtype) if t.dtype == torch.float64 else coef)
