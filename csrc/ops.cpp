@@ -17,8 +17,8 @@
 #include "fused_optim/kernels.h"
 
 #ifdef FO_WITH_CUDA
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #endif
 
 namespace fused_optim {
@@ -73,6 +73,7 @@ class Layouts {
     if (t.is_non_overlapping_and_dense() && t.strides() == ref.strides()) return t;
     at::Tensor work = at::empty_like(ref);
     work.copy_(t);
+    keep_alive_.push_back(work);  // the kernel reads it after this returns
     if (written) write_back_.emplace_back(t, work);
     return work;
   }
@@ -86,6 +87,7 @@ class Layouts {
   }
 
  private:
+  std::vector<at::Tensor> keep_alive_;
   std::vector<std::pair<at::Tensor, at::Tensor>> write_back_;
 };
 
@@ -132,7 +134,7 @@ void run_plan(Args args, const std::vector<Record>& records, const std::vector<W
   args.tensors = static_cast<const Record*>(plan.records);
   args.items = static_cast<const WorkItem*>(plan.items);
   if (counters != nullptr) *counters = plan.counters;
-  cuda(args, at::cuda::getCurrentCUDAStream(device.index()).stream());
+  cuda(args, c10::cuda::getCurrentCUDAStream(device.index()).stream());
 #else
   (void)cuda;
   (void)counters;
@@ -351,7 +353,7 @@ std::tuple<at::Tensor, at::Tensor> global_norm(at::TensorList tensors, double no
   } else {
 #ifdef FO_WITH_CUDA
     c10::cuda::CUDAGuard guard(device);
-    norm_finalize_cuda(f, at::cuda::getCurrentCUDAStream(device.index()).stream());
+    norm_finalize_cuda(f, c10::cuda::getCurrentCUDAStream(device.index()).stream());
 #endif
   }
   return {total_norm, clip_coef};
@@ -413,6 +415,7 @@ TORCH_LIBRARY_IMPL(fused_optim, CUDA, m) {
 
 // fused_optim._C is imported for its side effect of registering the ops above.
 extern "C" PyObject* PyInit__C(void) {
-  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static struct PyModuleDef module = {
+      PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr, nullptr, nullptr, nullptr, nullptr};
   return PyModule_Create(&module);
 }

@@ -31,7 +31,9 @@ def _native_adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_st
     lr_tensor = lr if isinstance(lr, torch.Tensor) else None
     if lr_tensor is not None and lr_tensor.device != params[0].device:
         if lr_tensor.device.type != "cpu":
-            raise RuntimeError(f"fused_optim: lr is on {lr_tensor.device} but the params are on {params[0].device}")
+            raise RuntimeError(
+                f"fused_optim: lr is on {lr_tensor.device} but the params are on {params[0].device}"
+            )
         lr, lr_tensor = float(lr_tensor), None  # a CPU lr for GPU params: reading it is no device sync
     torch.ops.fused_optim.adam_(
         params,
@@ -85,7 +87,10 @@ def unavailable_reason(name: str, device_type: str) -> str | None:
             return "triton is not installed (pip install triton)"
         if device_type == "cuda" or (device_type == "cpu" and _triton_interpreted()):
             return None
-        return f"the triton backend runs on CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), these are on {device_type}"
+        return (
+            "the triton backend runs on CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), "
+            f"these are on {device_type}"
+        )
     return f"unknown backend {name!r}; choose one of {', '.join(('auto',) + BACKENDS)}"
 
 
@@ -108,13 +113,19 @@ def check_name(name: str) -> str:
     return name
 
 
-def resolve(requested: str, device: torch.device) -> str:
-    """The backend name to use for tensors on `device`."""
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def resolve(requested: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
+    """The backend name to use for tensors on `device` (of `dtype`, when known: auto sends
+    dtypes the kernels do not take, such as float64, to the reference)."""
     if requested == "auto":
         requested = os.environ.get(ENV_VAR, "auto") or "auto"
         if requested != "auto" and requested not in BACKENDS:
             raise ValueError(f"{ENV_VAR}={requested!r} is not one of {('auto',) + BACKENDS}")
     if requested == "auto":
+        if dtype is not None and dtype not in KERNEL_DTYPES:
+            return "reference"
         for name in _AUTO_ORDER.get(device.type, ("reference",)):
             if unavailable_reason(name, device.type) is None:
                 return name
@@ -125,9 +136,9 @@ def resolve(requested: str, device: torch.device) -> str:
     return requested
 
 
-def get(requested: str, device: torch.device):
-    """The backend module-like object for tensors on `device`."""
-    return _load(resolve(requested, device))
+def get(requested: str, device: torch.device, dtype: torch.dtype | None = None):
+    """The backend module-like object for tensors on `device` (of `dtype`)."""
+    return _load(resolve(requested, device, dtype))
 
 
 def available_backends(device: str | torch.device = "cpu") -> list[str]:

@@ -39,12 +39,13 @@ def clip_grad_norm_(
     if not grads:
         return torch.tensor(0.0)
     by_device = defaultdict(list)
+    odd_dtype = {}  # a dtype the kernels do not take, per device (auto then uses the reference)
     for g in grads:
         by_device[g.device].append(g)
-    results = {
-        device: _backends.get(backend, device).global_norm(gs, norm_type, max_norm, None)
-        for device, gs in by_device.items()
-    }
+        if g.dtype not in _backends.KERNEL_DTYPES:
+            odd_dtype[g.device] = g.dtype
+    backends = {d: _backends.get(backend, d, odd_dtype.get(d)) for d in by_device}
+    results = {d: backends[d].global_norm(gs, norm_type, max_norm, None) for d, gs in by_device.items()}
     if len(results) == 1:
         total_norm, coef = next(iter(results.values()))
     else:  # several devices: combine the per-device norms on the first one, like torch
@@ -60,5 +61,5 @@ def clip_grad_norm_(
         )
     for device, gs in by_device.items():
         c = coef if coef.device == device else coef.to(device)
-        _backends.get(backend, device).scale_(gs, c)
+        backends[device].scale_(gs, c)
     return total_norm

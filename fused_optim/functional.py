@@ -15,8 +15,8 @@ import torch
 from fused_optim import _backends
 
 
-def _device(tensors) -> torch.device:
-    return tensors[0].device
+def _backend(name: str, tensors):
+    return _backends.get(name, tensors[0].device, tensors[0].dtype)
 
 
 def adam(
@@ -43,7 +43,7 @@ def adam(
     """Adam (decoupled=False, L2 decay) or AdamW (decoupled=True), as torch.optim."""
     if not params:
         return
-    _backends.get(backend, _device(params)).adam(
+    _backend(backend, params).adam(
         params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else [], state_steps,
         lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, decoupled=decoupled,
         amsgrad=amsgrad, maximize=maximize, adax=False, grad_scale=grad_scale,
@@ -74,7 +74,7 @@ def adax(
     second moment v-hat = v / ((1 + beta2)^t - 1), not the authors' raw v."""
     if not params:
         return
-    _backends.get(backend, _device(params)).adam(
+    _backend(backend, params).adam(
         params, grads, exp_avgs, exp_avg_sqs, [], state_steps,
         lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, decoupled=decoupled,
         amsgrad=False, maximize=maximize, adax=True, grad_scale=grad_scale,
@@ -91,4 +91,4 @@ def global_norm(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(total_norm, clip_coef) over all tensors of one device, as float32 0-d tensors on it,
     with clip_coef = min(1, max_norm / (total_norm + 1e-6)). No host sync."""
-    return _backends.get(backend, _device(tensors)).global_norm(tensors, norm_type, max_norm, grad_scale)
+    return _backend(backend, tensors).global_norm(tensors, norm_type, max_norm, grad_scale)

@@ -1,7 +1,7 @@
 // CUDA side of device_plan.h. Host C++ (torch APIs), compiled only in CUDA builds.
 #include "../device_plan.h"
 
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 
 #include <cstring>
@@ -51,7 +51,7 @@ DevicePlan upload_plan(const std::vector<uint8_t>& bytes, size_t records_size, i
     entry.plan = entry.host.to(device, /*non_blocking=*/true);
     entry.counters = at::zeros({std::max<int32_t>(n_tensors, 1)},
                                at::TensorOptions().dtype(at::kInt).device(device));
-    entry.captured = at::cuda::currentStreamCaptureStatus() != at::cuda::CaptureStatus::None;
+    entry.captured = c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
     cache.push_front(std::move(entry));
     // Evict the least recently used plans that no captured graph may depend on.
     for (size_t i = cache.size(); cache.size() > kMaxCached && i-- > 1;) {

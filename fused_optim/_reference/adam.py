@@ -64,7 +64,9 @@ def adam(
         m = m + (1.0 - beta1) * (g - m)
         if adax:
             bc = math.expm1(t * math.log1p(beta2))  # (1 + beta2)^t - 1 without overflow
-            v = v + (beta2 / bc) * (g * g - v)
+            w = beta2 / bc  # weight of g^2 in the v-hat average (1 at t = 1)
+            # Convex form (Adam with beta2_t = 1 - w): exact at w = 1, unlike v + w (g^2 - v).
+            v = (1.0 - w) * v + w * g * g
             theta = theta - lr * m / (v.sqrt() + eps / math.sqrt(bc))
         else:
             v = beta2 * v + (1.0 - beta2) * g * g

@@ -8,11 +8,15 @@ import torch
 def global_norm(tensors, norm_type: float, max_norm: float, grad_scale: torch.Tensor | None = None):
     """Returns (total_norm, clip_coef) as float32 0-d tensors. With grad_scale, the norm of
     tensors / grad_scale is reported (GradScaler-scaled gradients)."""
-    md = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
-    norms = [torch.linalg.vector_norm(t.to(md), norm_type) for t in tensors]
-    total = torch.linalg.vector_norm(torch.stack(norms), norm_type)
+    # fp64 throughout: the reference should be more accurate than any kernel it judges.
+    # Empty tensors contribute nothing (vector_norm refuses the inf-norm of an empty tensor).
+    norms = [torch.linalg.vector_norm(t.double(), norm_type) for t in tensors if t.numel() > 0]
+    if norms:
+        total = torch.linalg.vector_norm(torch.stack(norms), norm_type)
+    else:
+        total = torch.zeros((), dtype=torch.float64, device=tensors[0].device)
     if grad_scale is not None:
-        total = total / grad_scale.to(md)
+        total = total / grad_scale.double()
     coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
     return total.to(torch.float32), coef.to(torch.float32)
 

@@ -41,6 +41,7 @@ class Bucket:
     """Tensors of one param group that one kernel call updates: same device and dtypes."""
 
     device: torch.device
+    dtype: torch.dtype  # of the params
     index: list[int]  # positions in the group's params that have grads
     params: list[torch.Tensor]
     states: dict[str, list[torch.Tensor]] = field(default_factory=dict)
@@ -111,7 +112,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             if not torch.is_tensor(step) or step.dtype != torch.float32 or step.device != p.device:
                 state["step"] = torch.as_tensor(float(step), dtype=torch.float32).to(p.device)
             kind = (p.device, p.dtype, state[keys[0]].dtype)
-            b = by_kind.setdefault(kind, Bucket(p.device, [], []))
+            b = by_kind.setdefault(kind, Bucket(p.device, p.dtype, [], []))
             b.index.append(i)
             b.params.append(p)
             for k in keys + ("step",):
@@ -147,7 +148,7 @@ class FusedOptimizer(torch.optim.Optimizer):
 
         coefs = self._clip_coefficients(work, grad_scale) if self.max_grad_norm is not None else {}
         for group, bucket, grads in work:
-            backend = _backends.get(self.backend, bucket.device)
+            backend = _backends.get(self.backend, bucket.device, bucket.dtype)
             self._update(
                 backend,
                 bucket,
@@ -161,18 +162,23 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     def _clip_coefficients(self, work, grad_scale) -> dict:
         """Global norm over every gradient of the step; one clip coefficient per device."""
-        if len(work) == 1:  # the common case: no list copy
-            by_device = {work[0][1].device: work[0][2]}
-        else:
-            by_device = defaultdict(list)
-            for _, bucket, grads in work:
+        by_device = defaultdict(list)
+        odd_dtype = {}  # a dtype the kernels do not take, per device (auto then uses the reference)
+        for _, bucket, grads in work:
+            if len(work) == 1:  # the common case: no list copy
+                by_device[bucket.device] = grads
+            else:
                 by_device[bucket.device].extend(grads)
+            if bucket.dtype not in _backends.KERNEL_DTYPES:
+                odd_dtype[bucket.device] = bucket.dtype
         results = {
-            d: _backends.get(self.backend, d).global_norm(gs, 2.0, self.max_grad_norm, _on(grad_scale, d))
+            d: _backends.get(self.backend, d, odd_dtype.get(d)).global_norm(
+                gs, 2.0, self.max_grad_norm, _on(grad_scale, d)
+            )
             for d, gs in by_device.items()
         }
         if len(results) == 1:
-            (device, (norm, coef)), = results.items()
+            ((device, (norm, coef)),) = results.items()
             self.last_grad_norm = norm
             return {device: coef}
         first = next(iter(results))

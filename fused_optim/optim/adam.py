@@ -13,7 +13,6 @@ from fused_optim.optim._base import FusedOptimizer, check_betas, check_lr, check
 
 
 class Adam(FusedOptimizer):
-
     def __init__(
         self,
         params,

@@ -45,7 +45,8 @@ class AdaX(FusedOptimizer):
         # beta2 is a growth increment: any positive value is meaningful, 0 would divide by 0.
         check_betas(group["betas"], beta2_high=float("inf"))
         if group["betas"][1] <= 0.0:
-            raise ValueError(f"Invalid beta parameter at index 1 (beta2): must be > 0, got {group['betas'][1]!r}")
+            beta2 = group["betas"][1]
+            raise ValueError(f"Invalid beta parameter at index 1 (beta2): must be > 0, got {beta2!r}")
         check_range("epsilon value (eps)", group["eps"], 0.0, float("inf"))
         check_range("weight_decay value", group["weight_decay"], 0.0, float("inf"))
 

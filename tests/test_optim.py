@@ -1,0 +1,243 @@
+"""The optimizer classes as drop-in replacements for torch.optim: same results, state_dicts
+that load both ways, schedulers, tensor lr, param groups, GradScaler, clipping, odd params."""
+
+import copy
+
+import pytest
+import torch
+from conftest import backend_device_params, random_tensors
+
+import fused_optim
+
+SHAPES = [(), (1,), (7,), (33, 17), (4097,), (2, 3, 5), (0,)]
+
+
+def _params(device="cpu", dtype=torch.float32, seed=0):
+    return [torch.nn.Parameter(t) for t in random_tensors(SHAPES, dtype, device, seed)]
+
+
+def _grads(params, step):
+    return random_tensors([p.shape for p in params], params[0].dtype, params[0].device, 1000 + step)
+
+
+def _step(opt, params, step):
+    for p, g in zip(params, _grads(params, step), strict=True):
+        p.grad = g
+    opt.step()
+
+
+def _max_rel_err(a, b):
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item() if b.numel() else 0.0
+
+
+# (fused class, torch class, kwargs)
+PAIRS = [
+    (fused_optim.AdamW, torch.optim.AdamW, dict(lr=1e-3, weight_decay=0.01)),
+    (fused_optim.AdamW, torch.optim.AdamW, dict(lr=3e-3, betas=(0.8, 0.99), amsgrad=True, maximize=True)),
+    (fused_optim.Adam, torch.optim.Adam, dict(lr=1e-3)),
+    (fused_optim.Adam, torch.optim.Adam, dict(lr=2e-3, weight_decay=0.1, amsgrad=True)),
+]
+PAIR_IDS = ["AdamW", "AdamW-amsgrad-maximize", "Adam", "Adam-L2-amsgrad"]
+
+
+@pytest.mark.parametrize("backend,device", backend_device_params())
+@pytest.mark.parametrize("ours_cls,torch_cls,kwargs", PAIRS, ids=PAIR_IDS)
+def test_matches_torch_to_1e6_relative_after_100_fp32_steps(backend, device, ours_cls, torch_cls, kwargs):
+    ours = _params(device)
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    opt = ours_cls(ours, **kwargs, backend=backend)
+    ref = torch_cls(theirs, **kwargs, foreach=False)
+    for step in range(100):
+        _step(opt, ours, step)
+        _step(ref, theirs, step)
+    for p, q in zip(ours, theirs, strict=True):
+        assert _max_rel_err(p.detach(), q.detach()) < 1e-6
+        for k in ("exp_avg", "exp_avg_sq"):
+            assert _max_rel_err(opt.state[p][k], ref.state[q][k]) < 1e-6
+        assert opt.state[p]["step"].item() == ref.state[q]["step"].item() == 100
+
+
+@pytest.mark.parametrize("ours_cls,torch_cls,kwargs", PAIRS, ids=PAIR_IDS)
+@pytest.mark.parametrize("direction", ["torch->fused", "fused->torch"])
+def test_state_dict_interchanges_with_torch(ours_cls, torch_cls, kwargs, direction):
+    first_cls, second_cls = (torch_cls, ours_cls) if direction == "torch->fused" else (ours_cls, torch_cls)
+    a = _params()
+    opt_a = first_cls(a, **kwargs)
+    for step in range(3):
+        _step(opt_a, a, step)
+    b_params = [torch.nn.Parameter(p.detach().clone()) for p in a]
+    opt_b = second_cls(b_params, **kwargs)
+    opt_b.load_state_dict(copy.deepcopy(opt_a.state_dict()))
+    assert opt_b.state_dict()["param_groups"][0]["lr"] == kwargs["lr"]
+    for step in range(3, 6):
+        _step(opt_a, a, step)
+        _step(opt_b, b_params, step)
+    for p, q in zip(a, b_params, strict=True):
+        torch.testing.assert_close(q.detach(), p.detach(), rtol=1e-6, atol=1e-7)
+        assert set(opt_a.state[p]) == set(opt_b.state[q])
+        assert opt_b.state[q]["step"].item() == 6
+    if second_cls is torch.optim.AdamW:
+        assert opt_b.param_groups[0]["decoupled_weight_decay"] is True
+
+
+def test_lr_scheduler_and_param_groups_match_torch():
+    ours, theirs = _params(), _params()
+    groups = lambda ps: [{"params": ps[:3], "weight_decay": 0.0}, {"params": ps[3:], "lr": 5e-3}]  # noqa: E731
+    opt = fused_optim.AdamW(groups(ours), lr=1e-3)
+    ref = torch.optim.AdamW(groups(theirs), lr=1e-3, foreach=False)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[1e-2, 2e-2], total_steps=20)
+    ref_sched = torch.optim.lr_scheduler.OneCycleLR(ref, max_lr=[1e-2, 2e-2], total_steps=20)
+    for step in range(20):
+        _step(opt, ours, step)
+        _step(ref, theirs, step)
+        sched.step()
+        ref_sched.step()
+    assert [g["lr"] for g in opt.param_groups] == [g["lr"] for g in ref.param_groups]
+    for p, q in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend,device", backend_device_params())
+def test_tensor_lr_equals_float_lr_and_follows_in_place_changes(backend, device):
+    a, b = _params(device), _params(device)
+    lr = torch.tensor(2.0**-10, device=device)  # exactly representable: results must be identical
+    opt_t = fused_optim.AdamW(a, lr=lr, backend=backend)
+    opt_f = fused_optim.AdamW(b, lr=2.0**-10, backend=backend)
+    for step in range(4):
+        if step == 2:
+            lr.fill_(2.0**-8)  # what a scheduler does to a tensor lr
+            opt_f.param_groups[0]["lr"] = 2.0**-8
+        _step(opt_t, a, step)
+        _step(opt_f, b, step)
+    for p, q in zip(a, b, strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend,device", backend_device_params())
+def test_params_without_grads_are_left_alone(backend, device):
+    ps = _params(device)
+    opt = fused_optim.AdamW(ps, lr=1e-2, backend=backend)
+    before = [p.detach().clone() for p in ps]
+    for i, (p, g) in enumerate(zip(ps, _grads(ps, 0), strict=True)):
+        p.grad = g if i % 2 == 0 else None
+    opt.step()
+    for i, (p, b) in enumerate(zip(ps, before, strict=True)):
+        if i % 2 == 1:
+            assert torch.equal(p.detach(), b) and p not in opt.state
+        elif p.numel():
+            assert not torch.equal(p.detach(), b) and opt.state[p]["step"].item() == 1
+
+
+@pytest.mark.parametrize("backend,device", backend_device_params())
+def test_non_contiguous_params_match_torch(backend, device):
+    base = torch.randn(40, 30, device=device)
+    ours = [
+        torch.nn.Parameter(base.clone().t()),  # dense, transposed strides
+        torch.nn.Parameter(base.clone()[:, ::3]),  # not dense in memory
+        torch.nn.Parameter(base.clone().unsqueeze(-1).expand(40, 30, 1)[..., 0]),
+    ]
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    opt = fused_optim.AdamW(ours, lr=1e-2, backend=backend)
+    ref = torch.optim.AdamW(theirs, lr=1e-2, foreach=False)
+    for step in range(3):
+        for p, q, g in zip(ours, theirs, _grads(ours, step), strict=True):
+            p.grad, q.grad = g.contiguous(), g.clone()  # grads with other strides than the params
+        opt.step()
+        ref.step()
+    for p, q in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-6, atol=1e-7)
+
+
+def _scaler_run(opt_factory, inf_at):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 2))
+    opt = opt_factory(model.parameters())
+    scaler = torch.amp.GradScaler("cpu", init_scale=256.0)
+    x = torch.randn(4, 8)
+    snapshots = []
+    for step in range(6):
+        opt.zero_grad()
+        loss = model(x).square().mean()
+        if step == inf_at:
+            loss = loss * float("inf")
+        scaler.scale(loss).backward()
+        before = copy.deepcopy((list(model.parameters()), opt.state_dict()["state"]))
+        scaler.step(opt)
+        scaler.update()
+        snapshots.append((before, copy.deepcopy((list(model.parameters()), opt.state_dict()["state"]))))
+    return model, snapshots, scaler
+
+
+def test_grad_scaler_skips_inf_steps_and_matches_torch_fused():
+    ours, snaps, scaler = _scaler_run(lambda ps: fused_optim.AdamW(ps, lr=1e-2), inf_at=2)
+    theirs, _, ref_scaler = _scaler_run(lambda ps: torch.optim.AdamW(ps, lr=1e-2, fused=True), inf_at=2)
+    (params_before, state_before), (params_after, state_after) = snaps[2]
+    for p, q in zip(params_before, params_after, strict=True):
+        assert torch.equal(p, q)  # skipped: params untouched
+    for k in state_before:
+        for name in state_before[k]:
+            assert torch.equal(state_before[k][name], state_after[k][name])  # ... and state too
+    assert scaler.get_scale() == ref_scaler.get_scale() < 256.0
+    for p, q in zip(ours.parameters(), theirs.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_grad_scaler_with_clipping_clips_the_unscaled_gradients():
+    ours, _, _ = _scaler_run(lambda ps: fused_optim.AdamW(ps, lr=1e-2, max_grad_norm=0.05), inf_at=-1)
+
+    # torch: unscale, clip, step
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 2))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    scaler = torch.amp.GradScaler("cpu", init_scale=256.0)
+    x = torch.randn(4, 8)
+    for _ in range(6):
+        opt.zero_grad()
+        scaler.scale(model(x).square().mean()).backward()
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05)
+        scaler.step(opt)
+        scaler.update()
+    for p, q in zip(ours.parameters(), model.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend,device", backend_device_params())
+def test_max_grad_norm_equals_torch_clip_then_step(backend, device):
+    ours = _params(device)
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    opt = fused_optim.AdamW(ours, lr=1e-2, max_grad_norm=1.0, backend=backend)
+    ref = torch.optim.AdamW(theirs, lr=1e-2, foreach=False)
+    for step in range(5):
+        grads = _grads(ours, step)
+        for p, q, g in zip(ours, theirs, grads, strict=True):
+            p.grad, q.grad = g, g.clone()
+        opt.step()
+        norm = torch.nn.utils.clip_grad_norm_(theirs, 1.0)
+        ref.step()
+        torch.testing.assert_close(opt.last_grad_norm, norm, rtol=1e-5, atol=0)
+        for p, g in zip(ours, grads, strict=True):
+            assert p.grad is g  # the fused path never rewrites the gradients
+    for p, q in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_float64_params_fall_back_to_the_reference_under_auto():
+    ps = _params(dtype=torch.float64)
+    opt = fused_optim.AdamW(ps, lr=1e-3, max_grad_norm=1.0)
+    _step(opt, ps, 0)
+    assert opt.state[ps[2]]["exp_avg"].dtype == torch.float64
+
+
+def test_closure_is_called_with_grad_enabled():
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = fused_optim.AdamW([p], lr=0.1)
+
+    def closure():
+        opt.zero_grad()
+        loss = (p * 2).sum()
+        loss.backward()
+        return loss
+
+    assert opt.step(closure).item() == 6.0
+    assert (p < 1).all()
