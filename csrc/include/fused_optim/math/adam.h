@@ -85,7 +85,8 @@ FO_HOST_DEVICE void adam_element(float& theta, float g, float& m, float& v, floa
   v = s.beta2 * v + s.one_minus_beta2 * (g * g);
   float second = v;
   if (kAmsgrad) {
-    vmax = fmaxf(vmax, v);
+    // A select, not fmaxf: it vectorises, and a NaN in v propagates as with torch.maximum.
+    vmax = (vmax >= v) ? vmax : v;
     second = vmax;
   }
   const float denom = sqrtf(second) / s.bc2_sqrt + s.eps;

@@ -1,0 +1,169 @@
+"""GPU-only checks (skipped without CUDA): the cuda and triton backends against torch's fused
+AdamW, steps captured in CUDA graphs, launch counts, and a tensor above 2^31 elements.
+The generic backend-vs-reference tests (test_backends.py) also run on CUDA when present."""
+
+import copy
+
+import pytest
+import torch
+from conftest import HAS_CUDA, assert_close, backends_for, random_tensors
+
+import fused_optim
+from fused_optim import _reference, functional
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")]
+
+SHAPES = [(), (1,), (7,), (33, 17), (4097,), (2 * 65536 + 3,), (0,)] + [(n,) for n in range(1, 50)]
+
+
+def _gpu_backends():
+    return backends_for("cuda") if HAS_CUDA else []
+
+
+def _params(dtype=torch.float32, shapes=SHAPES):
+    return [torch.nn.Parameter(t) for t in random_tensors(shapes, dtype, "cuda", 0)]
+
+
+def _set_grads(params, step):
+    grads = random_tensors([p.shape for p in params], params[0].dtype, "cuda", 50 + step)
+    for p, g in zip(params, grads, strict=True):
+        p.grad = g
+
+
+@pytest.mark.parametrize("backend", _gpu_backends())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_matches_torch_fused_adamw(backend, dtype, amsgrad):
+    ours = _params(dtype)
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    opt = fused_optim.AdamW(ours, lr=1e-3, amsgrad=amsgrad, backend=backend)
+    ref = torch.optim.AdamW(theirs, lr=1e-3, amsgrad=amsgrad, fused=True)
+    for step in range(10):
+        _set_grads(ours, step)
+        _set_grads(theirs, step)
+        opt.step()
+        ref.step()
+    for p, q in zip(ours, theirs, strict=True):
+        assert_close(p.detach(), q.detach(), dtype)
+        assert_close(opt.state[p]["exp_avg_sq"], ref.state[q]["exp_avg_sq"], dtype)
+
+
+@pytest.mark.parametrize("backend", _gpu_backends())
+@pytest.mark.parametrize("clip", [None, 1.0])
+def test_step_captured_in_a_cuda_graph_matches_eager(backend, clip):
+    ours = _params()
+    eager = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    lr = torch.tensor(1e-3, device="cuda")
+    opt = fused_optim.AdamW(ours, lr=lr, max_grad_norm=clip, backend=backend)
+    ref = fused_optim.AdamW(eager, lr=1e-3, max_grad_norm=clip, backend=backend)
+    static_grads = random_tensors([p.shape for p in ours], torch.float32, "cuda", 1)
+    for p, g in zip(ours, static_grads, strict=True):
+        p.grad = g
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside capture: state, plans, compiled kernels
+        for _ in range(2):
+            opt.step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        opt.step()
+    # eager twin: the same 2 warm-up steps
+    for p, g in zip(eager, static_grads, strict=True):
+        p.grad = g.clone()
+    ref.step()
+    ref.step()
+    for step in range(5):
+        new = random_tensors([p.shape for p in ours], torch.float32, "cuda", 100 + step)
+        for g, n, q in zip(static_grads, new, eager, strict=True):
+            g.copy_(n)
+            q.grad = n.clone()
+        if step == 3:
+            lr.fill_(5e-4)  # a tensor lr changed in place is seen by the replay
+            ref.param_groups[0]["lr"] = 5e-4
+        graph.replay()
+        ref.step()
+    torch.cuda.synchronize()
+    for p, q in zip(ours, eager, strict=True):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=2e-5, atol=2e-6)
+        assert opt.state[p]["step"].item() == ref.state[q]["step"].item() == 7
+
+
+def _count_kernels(fn) -> int:
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return sum(
+        1
+        for e in prof.events()
+        if e.device_type == torch.autograd.DeviceType.CUDA
+        and "memcpy" not in e.name.lower()
+        and "memset" not in e.name.lower()
+    )
+
+
+@pytest.mark.parametrize("backend", _gpu_backends())
+def test_adamw_with_clipping_over_300_tensors_is_at_most_3_launches(backend):
+    sizes = [int(s) for s in torch.randint(1, 200_000, (300,), generator=torch.Generator().manual_seed(0))]
+    params = [torch.nn.Parameter(t) for t in random_tensors([(s,) for s in sizes], torch.float32, "cuda", 3)]
+    _set_grads(params, 0)
+    opt = fused_optim.AdamW(params, lr=1e-3, max_grad_norm=1.0, backend=backend)
+    opt.step()  # first step: state and plan set-up
+    assert _count_kernels(opt.step) <= 3
+
+
+@pytest.mark.large
+@pytest.mark.parametrize("backend", _gpu_backends())
+def test_tensor_above_2_pow_31_elements(backend):
+    n = 2**31 + 77
+    free, _ = torch.cuda.mem_get_info()
+    if free < 6 * n * 2 + (1 << 30):
+        pytest.skip("not enough GPU memory for four bf16 tensors of 2^31 elements")
+    p = torch.randn(n, dtype=torch.bfloat16, device="cuda")
+    g = torch.randn(n, dtype=torch.bfloat16, device="cuda")
+    m, v = torch.zeros_like(p), torch.zeros_like(p)
+    step = [torch.zeros((), device="cuda")]
+    # The reference on slices at both ends (the update is elementwise).
+    ends = [slice(0, 1 << 20), slice(n - (1 << 20), n)]
+    expected = []
+    for sl in ends:
+        ps, ms, vs = [p[sl].clone()], [m[sl].clone()], [v[sl].clone()]
+        _reference.adam(ps, [g[sl]], ms, vs, [], [torch.zeros((), device="cuda")], lr=1e-3, beta1=0.9,
+                        beta2=0.999, eps=1e-8, weight_decay=0.01, decoupled=True, amsgrad=False,
+                        maximize=False)  # fmt: skip
+        expected.append(ps[0])
+    functional.adam([p], [g], [m], [v], [], step, lr=1e-3, weight_decay=0.01, decoupled=True, backend=backend)
+    for sl, e in zip(ends, expected, strict=True):
+        assert_close(p[sl], e, torch.bfloat16)
+    assert step[0].item() == 1
+    del p, g, m, v
+    torch.cuda.empty_cache()
+
+
+@pytest.mark.parametrize("backend", _gpu_backends())
+def test_global_norm_is_deterministic_on_gpu(backend):
+    tensors = random_tensors(SHAPES * 4, torch.float32, "cuda", 7)
+    first, _ = functional.global_norm(tensors, 2.0, 1.0, backend=backend)
+    for _ in range(5):
+        again, _ = functional.global_norm(tensors, 2.0, 1.0, backend=backend)
+        assert torch.equal(first, again)
+    ref, _ = _reference.global_norm(tensors, 2.0, 1.0)
+    torch.testing.assert_close(first, ref, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("backend", _gpu_backends())
+def test_grad_scaler_skip_on_gpu(backend):
+    params = _params()
+    _set_grads(params, 0)
+    opt = fused_optim.AdamW(params, lr=1e-3, backend=backend)
+    opt.step()
+    before = copy.deepcopy((params, opt.state_dict()))
+    opt.grad_scale = torch.tensor(1024.0, device="cuda")
+    opt.found_inf = torch.tensor(1.0, device="cuda")
+    opt.step()
+    for p, q in zip(params, before[0], strict=True):
+        assert torch.equal(p, q)
+    assert all(s["step"].item() == 1 for s in opt.state.values())
