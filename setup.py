@@ -32,7 +32,7 @@ def _extension():
     sources = ["csrc/ops.cpp"] + rel("csrc/cpu/*.cpp")
     # -fno-math-errno lets sqrtf vectorise; -fopenmp because at::parallel_for is an inline
     # OpenMP loop in the ATen headers (it would silently run on one thread without it).
-    cxx = ["-O3", "-std=c++17", "-fno-math-errno", "-fopenmp"]
+    cxx = ["-O3", "-std=c++17", "-fno-math-errno", "-ffp-contract=off", "-fopenmp"]
     kwargs = dict(
         include_dirs=[os.path.join(ROOT, "csrc", "include")],
         extra_link_args=["-fopenmp"],
