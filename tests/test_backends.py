@@ -108,11 +108,12 @@ def test_backend_matches_reference_for_every_option(
 @pytest.mark.parametrize("adax", [False, True], ids=["adam", "adax"])
 def test_backend_scalars_from_tensors(backend, device, adax):
     """lr as a tensor, GradScaler's grad_scale and a clip coefficient, read on the device."""
-    shapes = [(9,), (4, 4)]
+    shapes = [(), (9,), (4, 4)]
     dev = torch.device(device)
     opts = dict(beta1=0.9, beta2=0.999 if not adax else 1e-4, eps=1e-8, weight_decay=0.1, decoupled=False,
                 amsgrad=False, maximize=True)  # fmt: skip
-    scalars = dict(lr=torch.tensor(3e-3, device=dev), grad_scale=torch.tensor(1024.0, device=dev),
+    # grad_scale shaped [1], as GradScaler's is
+    scalars = dict(lr=torch.tensor(3e-3, device=dev), grad_scale=torch.tensor([1024.0], device=dev),
                    clip_coef=torch.tensor(0.25, device=dev))  # fmt: skip
     ours = _state(shapes, torch.float32, torch.float32, device, seed=4)
     ref = copy.deepcopy(ours)
@@ -153,7 +154,7 @@ def test_global_norm_matches_reference(backend, device, norm_type):
     tensors = random_tensors(shapes, torch.float32, device, 9) + random_tensors(
         [(300,), (2, 17)], torch.bfloat16, device, 10
     )
-    scale = torch.tensor(8.0, device=device)
+    scale = torch.tensor([8.0], device=device)  # shaped like GradScaler's
     norm, coef = functional.global_norm(tensors, norm_type, 1.5, scale, backend=backend)
     ref_norm, ref_coef = _reference.global_norm([t.cpu() for t in tensors], norm_type, 1.5, scale.cpu())
     torch.testing.assert_close(norm.cpu(), ref_norm, rtol=2e-6, atol=0)

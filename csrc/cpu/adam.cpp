@@ -63,14 +63,22 @@ void adam_cpu(const AdamArgs& a) {
                     : a.lr_is_f64       ? *static_cast<const double*>(a.lr_ptr)
                                         : *static_cast<const float*>(a.lr_ptr);
   // Per-tensor scalars (each tensor keeps its own step, as torch does); then advance steps.
+  // Tensors of a group nearly always share their step: recompute only when it changes.
   std::vector<AdamStepScalars> scalars(a.n_tensors);
+  float prev_step = -1.0f;
   for (int32_t i = 0; i < a.n_tensors; ++i) {
-    const double t = static_cast<double>(*a.tensors[i].step) + 1.0;
-    scalars[i] = a.adax ? adax_step_scalars(lr, t, a.beta1, a.beta2, a.eps, a.weight_decay,
-                                            a.decoupled)
-                        : adam_step_scalars(lr, t, a.beta1, a.beta2, a.eps, a.weight_decay,
-                                            a.decoupled);
-    *a.tensors[i].step += 1.0f;
+    const float step = *a.tensors[i].step;
+    if (i == 0 || step != prev_step) {
+      const double t = static_cast<double>(step) + 1.0;
+      scalars[i] = a.adax ? adax_step_scalars(lr, t, a.beta1, a.beta2, a.eps, a.weight_decay,
+                                              a.decoupled)
+                          : adam_step_scalars(lr, t, a.beta1, a.beta2, a.eps, a.weight_decay,
+                                              a.decoupled);
+    } else {
+      scalars[i] = scalars[i - 1];
+    }
+    prev_step = step;
+    *a.tensors[i].step = step + 1.0f;
   }
   const float grad_mult = grad_multiplier(a.maximize, a.grad_scale, a.clip_coef);
   dispatch_dtype(a.param_dtype, [&](auto p_tag) {

@@ -47,10 +47,11 @@ def adam(
         g = grads[i].to(md)
         if maximize:
             g = -g
+        # One-element scalars (GradScaler's are shape [1]) must not broadcast 0-d tensors up.
         if grad_scale is not None:
-            g = g / grad_scale.to(md)
+            g = g / grad_scale.to(md).reshape(())
         if clip_coef is not None:
-            g = g * clip_coef.to(md)
+            g = g * clip_coef.to(md).reshape(())
         theta = param.to(md)
         m = exp_avgs[i].to(md)
         v = exp_avg_sqs[i].to(md)

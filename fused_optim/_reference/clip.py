@@ -16,7 +16,7 @@ def global_norm(tensors, norm_type: float, max_norm: float, grad_scale: torch.Te
     else:
         total = torch.zeros((), dtype=torch.float64, device=tensors[0].device)
     if grad_scale is not None:
-        total = total / grad_scale.double()
+        total = total / grad_scale.double().reshape(())  # GradScaler's scale has shape [1]
     coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
     return total.to(torch.float32), coef.to(torch.float32)
 
