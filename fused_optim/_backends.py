@@ -27,31 +27,55 @@ _AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "referenc
 ENV_VAR = "FUSED_OPTIM_BACKEND"
 
 
+def _split_lr(lr, device: torch.device) -> tuple[float, torch.Tensor | None]:
+    """(lr as a float, lr as a tensor on `device` or None) for the native ops."""
+    if not isinstance(lr, torch.Tensor):
+        return float(lr), None
+    if lr.device != device:
+        if lr.device.type != "cpu":
+            raise RuntimeError(f"fused_optim: lr is on {lr.device} but the params are on {device}")
+        return float(lr), None  # a CPU lr for GPU params: reading it is no device sync
+    return 0.0, lr
+
+
 def _native_adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, *, lr, **kw):
-    lr_tensor = lr if isinstance(lr, torch.Tensor) else None
-    if lr_tensor is not None and lr_tensor.device != params[0].device:
-        if lr_tensor.device.type != "cpu":
-            raise RuntimeError(
-                f"fused_optim: lr is on {lr_tensor.device} but the params are on {params[0].device}"
-            )
-        lr, lr_tensor = float(lr_tensor), None  # a CPU lr for GPU params: reading it is no device sync
+    lr, lr_tensor = _split_lr(lr, params[0].device)
     torch.ops.fused_optim.adam_(
-        params,
-        grads,
-        exp_avgs,
-        exp_avg_sqs,
-        max_exp_avg_sqs,
-        state_steps,
-        lr=0.0 if lr_tensor is not None else float(lr),
-        lr_tensor=lr_tensor,
-        **kw,
+        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr=lr, lr_tensor=lr_tensor, **kw
     )
+
+
+def _native_adam_group(params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps):
+    """The bucket's tensors held in C++ (fused_optim::AdamGroup): a step passes only its grads."""
+    group = torch.classes.fused_optim.AdamGroup(params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps)
+    device = params[0].device
+
+    def step(grads, *, lr, beta1, beta2, eps, weight_decay, decoupled, amsgrad, maximize, adax,
+             grad_scale=None, found_inf=None, clip_coef=None):  # fmt: skip
+        lr, lr_tensor = _split_lr(lr, device)
+        group.step(grads, lr, lr_tensor, beta1, beta2, eps, weight_decay, decoupled, amsgrad, maximize, adax,
+                   grad_scale, found_inf, clip_coef)  # fmt: skip
+
+    return step
+
+
+def list_adam_group(backend):
+    """adam_group for backends without one of their own: a closure over the bucket's lists."""
+
+    def make(params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps):
+        def step(grads, **kw):
+            backend.adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, **kw)
+
+        return step
+
+    return make
 
 
 def _native():
     return SimpleNamespace(
         name="native",
         adam=_native_adam,
+        adam_group=_native_adam_group,
         global_norm=lambda tensors, norm_type, max_norm, grad_scale=None: torch.ops.fused_optim.global_norm(
             tensors, float(norm_type), float(max_norm), grad_scale
         ),

@@ -241,3 +241,27 @@ def test_closure_is_called_with_grad_enabled():
 
     assert opt.step(closure).item() == 6.0
     assert (p < 1).all()
+
+
+@pytest.mark.parametrize("backend,device", backend_device_params())
+def test_cached_plan_follows_moved_params_and_changed_grad_layouts(backend, device):
+    """The fused path keeps each bucket's plan between steps; it must notice a param whose
+    .data was replaced (model.to(), weight re-tying) and a grad whose layout changed."""
+    ours = [torch.nn.Parameter(t) for t in random_tensors([(6, 5), (40,), (3, 3)], torch.float32, device, 1)]
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    opt = fused_optim.AdamW(ours, lr=1e-2, backend=backend)
+    ref = torch.optim.AdamW(theirs, lr=1e-2, foreach=False)
+    for step in range(6):
+        if step == 2:
+            for p, q in zip(ours, theirs, strict=True):
+                p.data = p.data.clone()  # new storage under the same Parameter
+                q.data = q.data.clone()
+        grads = _grads(ours, step)
+        for p, q, g in zip(ours, theirs, grads, strict=True):
+            if step == 4 and g.dim() == 2:
+                g = g.t().contiguous().t()  # same values, transposed strides
+            p.grad, q.grad = g, g.clone()
+        opt.step()
+        ref.step()
+        for p, q in zip(ours, theirs, strict=True):
+            torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-6, atol=1e-7)

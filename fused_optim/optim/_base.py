@@ -45,12 +45,15 @@ class Bucket:
     index: list[int]  # positions in the group's params that have grads
     params: list[torch.Tensor]
     states: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    backend: object = None  # the backend `run` was made for
+    run: object = None  # run(grads, **hyper, grad_scale=, found_inf=, clip_coef=): one fused call
 
 
 class FusedOptimizer(torch.optim.Optimizer):
     """Base class. Subclasses implement _state_keys(group) (tensor states besides "step"; the
-    first one's dtype is the bucket's state dtype), _new_state(param, key) and
-    _update(backend, bucket, grads, group, grad_scale, found_inf, clip_coef)."""
+    first one's dtype is the bucket's state dtype), _new_state(param, key), _hyper(group) (the
+    keyword arguments of one call) and _make_run(backend, bucket, group) (a function running one
+    fused call on the bucket's tensors with the given grads)."""
 
     _step_supports_amp_scaling = True  # torch.amp.GradScaler hands us grad_scale / found_inf
 
@@ -147,16 +150,17 @@ class FusedOptimizer(torch.optim.Optimizer):
             return loss
 
         coefs = self._clip_coefficients(work, grad_scale) if self.max_grad_norm is not None else {}
+        compiling = torch.compiler.is_compiling()
         for group, bucket, grads in work:
             backend = _backends.get(self.backend, bucket.device, bucket.dtype)
-            self._update(
-                backend,
-                bucket,
+            if bucket.backend is not backend or compiling:
+                bucket.backend, bucket.run = backend, self._make_run(backend, bucket, group, compiling)
+            bucket.run(
                 grads,
-                group,
-                _on(grad_scale, bucket.device),
-                _on(found_inf, bucket.device),
-                coefs.get(bucket.device),
+                **self._hyper(group),
+                grad_scale=_on(grad_scale, bucket.device),
+                found_inf=_on(found_inf, bucket.device),
+                clip_coef=coefs.get(bucket.device),
             )
         return loss
 

@@ -9,6 +9,7 @@ the GPU kernels read lr and step from device memory (so steps can be captured in
 
 import torch
 
+from fused_optim import _backends
 from fused_optim.optim._base import FusedOptimizer, check_betas, check_lr, check_range
 
 
@@ -66,17 +67,29 @@ class Adam(FusedOptimizer):
     def _new_state(self, p, key):
         return torch.zeros_like(p, memory_format=torch.preserve_format)
 
-    def _update(self, backend, bucket, grads, group, grad_scale, found_inf, clip_coef) -> None:
+    def _hyper(self, group) -> dict:
         beta1, beta2 = group["betas"]
-        s = bucket.states
-        backend.adam(
-            bucket.params, grads, s["exp_avg"], s["exp_avg_sq"],
-            s["max_exp_avg_sq"] if group["amsgrad"] else [], s["step"],
+        return dict(
             lr=group["lr"], beta1=float(beta1), beta2=float(beta2), eps=float(group["eps"]),
             weight_decay=float(group["weight_decay"]), decoupled=bool(group["decoupled_weight_decay"]),
             amsgrad=bool(group["amsgrad"]), maximize=bool(group["maximize"]), adax=False,
-            grad_scale=grad_scale, found_inf=found_inf, clip_coef=clip_coef,
         )  # fmt: skip
+
+    _make_run = staticmethod(
+        lambda backend, bucket, group, compiling: make_adam_run(backend, bucket, compiling)
+    )
+
+
+def make_adam_run(backend, bucket, compiling: bool):
+    """One fused Adam-family call over the bucket: the backend's own group object when it has
+    one (the native one keeps the tensors in C++), else its list function. While torch.compile
+    traces, always the annotated op over lists."""
+    s = bucket.states
+    lists = (bucket.params, s["exp_avg"], s["exp_avg_sq"], s.get("max_exp_avg_sq", []), s["step"])
+    make = getattr(backend, "adam_group", None)
+    if make is None or compiling:
+        make = _backends.list_adam_group(backend)
+    return make(*lists)
 
 
 class AdamW(Adam):

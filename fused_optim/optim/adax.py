@@ -9,6 +9,7 @@ checkpoints hold v-hat, not the authors' v. There is no bias correction on the f
 import torch
 
 from fused_optim.optim._base import FusedOptimizer, check_betas, check_lr, check_range
+from fused_optim.optim.adam import make_adam_run
 
 
 class AdaX(FusedOptimizer):
@@ -56,16 +57,17 @@ class AdaX(FusedOptimizer):
     def _new_state(self, p, key):
         return torch.zeros_like(p, memory_format=torch.preserve_format)
 
-    def _update(self, backend, bucket, grads, group, grad_scale, found_inf, clip_coef) -> None:
+    def _hyper(self, group) -> dict:
         beta1, beta2 = group["betas"]
-        s = bucket.states
-        backend.adam(
-            bucket.params, grads, s["exp_avg"], s["exp_avg_sq"], [], s["step"],
+        return dict(
             lr=group["lr"], beta1=float(beta1), beta2=float(beta2), eps=float(group["eps"]),
             weight_decay=float(group["weight_decay"]), decoupled=bool(group["decoupled_weight_decay"]),
             amsgrad=False, maximize=bool(group["maximize"]), adax=True,
-            grad_scale=grad_scale, found_inf=found_inf, clip_coef=clip_coef,
         )  # fmt: skip
+
+    _make_run = staticmethod(
+        lambda backend, bucket, group, compiling: make_adam_run(backend, bucket, compiling)
+    )
 
 
 class AdaXW(AdaX):
