@@ -13,7 +13,40 @@ from fused_optim import _backends
 from fused_optim.optim._base import FusedOptimizer, check_betas, check_lr, check_range
 
 
-class Adam(FusedOptimizer):
+class AdamFamily(FusedOptimizer):
+    """Adam/AdamW and AdaX/AdaXW: one elementwise kernel; only the per-step scalars differ."""
+
+    ADAX = False
+
+    def _state_keys(self, group) -> tuple[str, ...]:
+        if group.get("amsgrad", False):
+            return ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+        return ("exp_avg", "exp_avg_sq")
+
+    def _new_state(self, p, key):
+        return torch.zeros_like(p, memory_format=torch.preserve_format)
+
+    def _hyper(self, group) -> dict:
+        beta1, beta2 = group["betas"]
+        return dict(
+            lr=group["lr"], beta1=float(beta1), beta2=float(beta2), eps=float(group["eps"]),
+            weight_decay=float(group["weight_decay"]), decoupled=bool(group["decoupled_weight_decay"]),
+            amsgrad=bool(group.get("amsgrad", False)), maximize=bool(group["maximize"]), adax=self.ADAX,
+        )  # fmt: skip
+
+    def _make_run(self, backend, bucket, group, compiling: bool):
+        """One fused call over the bucket: the backend's own group object when it has one (the
+        native one keeps the tensors in C++), else its list function. While torch.compile
+        traces, always the annotated op over lists."""
+        s = bucket.states
+        lists = (bucket.params, s["exp_avg"], s["exp_avg_sq"], s.get("max_exp_avg_sq", []), s["step"])
+        make = getattr(backend, "adam_group", None)
+        if make is None or compiling:
+            make = _backends.list_adam_group(backend)
+        return make(*lists)
+
+
+class Adam(AdamFamily):
     def __init__(
         self,
         params,
@@ -60,36 +93,6 @@ class Adam(FusedOptimizer):
         check_range("weight_decay value", group["weight_decay"], 0.0, float("inf"))
         if group.get("differentiable"):
             raise ValueError("differentiable=True is not supported by fused_optim (use torch.optim)")
-
-    def _state_keys(self, group) -> tuple[str, ...]:
-        return ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if group["amsgrad"] else ("exp_avg", "exp_avg_sq")
-
-    def _new_state(self, p, key):
-        return torch.zeros_like(p, memory_format=torch.preserve_format)
-
-    def _hyper(self, group) -> dict:
-        beta1, beta2 = group["betas"]
-        return dict(
-            lr=group["lr"], beta1=float(beta1), beta2=float(beta2), eps=float(group["eps"]),
-            weight_decay=float(group["weight_decay"]), decoupled=bool(group["decoupled_weight_decay"]),
-            amsgrad=bool(group["amsgrad"]), maximize=bool(group["maximize"]), adax=False,
-        )  # fmt: skip
-
-    _make_run = staticmethod(
-        lambda backend, bucket, group, compiling: make_adam_run(backend, bucket, compiling)
-    )
-
-
-def make_adam_run(backend, bucket, compiling: bool):
-    """One fused Adam-family call over the bucket: the backend's own group object when it has
-    one (the native one keeps the tensors in C++), else its list function. While torch.compile
-    traces, always the annotated op over lists."""
-    s = bucket.states
-    lists = (bucket.params, s["exp_avg"], s["exp_avg_sq"], s.get("max_exp_avg_sq", []), s["step"])
-    make = getattr(backend, "adam_group", None)
-    if make is None or compiling:
-        make = _backends.list_adam_group(backend)
-    return make(*lists)
 
 
 class AdamW(Adam):

@@ -8,12 +8,14 @@ checkpoints hold v-hat, not the authors' v. There is no bias correction on the f
 
 import torch
 
-from fused_optim.optim._base import FusedOptimizer, check_betas, check_lr, check_range
-from fused_optim.optim.adam import make_adam_run
+from fused_optim.optim._base import check_betas, check_lr, check_range
+from fused_optim.optim.adam import AdamFamily
 
 
-class AdaX(FusedOptimizer):
+class AdaX(AdamFamily):
     """AdaX with L2 (coupled) weight decay; decoupled_weight_decay=True gives AdaXW."""
+
+    ADAX = True
 
     def __init__(
         self,
@@ -50,24 +52,6 @@ class AdaX(FusedOptimizer):
             raise ValueError(f"Invalid beta parameter at index 1 (beta2): must be > 0, got {beta2!r}")
         check_range("epsilon value (eps)", group["eps"], 0.0, float("inf"))
         check_range("weight_decay value", group["weight_decay"], 0.0, float("inf"))
-
-    def _state_keys(self, group) -> tuple[str, ...]:
-        return ("exp_avg", "exp_avg_sq")
-
-    def _new_state(self, p, key):
-        return torch.zeros_like(p, memory_format=torch.preserve_format)
-
-    def _hyper(self, group) -> dict:
-        beta1, beta2 = group["betas"]
-        return dict(
-            lr=group["lr"], beta1=float(beta1), beta2=float(beta2), eps=float(group["eps"]),
-            weight_decay=float(group["weight_decay"]), decoupled=bool(group["decoupled_weight_decay"]),
-            amsgrad=False, maximize=bool(group["maximize"]), adax=True,
-        )  # fmt: skip
-
-    _make_run = staticmethod(
-        lambda backend, bucket, group, compiling: make_adam_run(backend, bucket, compiling)
-    )
 
 
 class AdaXW(AdaX):
