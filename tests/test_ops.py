@@ -1,0 +1,56 @@
+"""The registered ops themselves: torch.library.opcheck validates the schemas (the mutation
+annotations match what the kernels write), the fake implementations (shapes, devices, no data
+access) and the dispatcher registration against the real CPU kernels."""
+
+import pytest
+import torch
+
+import fused_optim  # noqa: F401  (registers the fake implementations)
+from fused_optim import _ext
+
+pytestmark = pytest.mark.skipif(_ext.load_error is not None, reason="fused_optim._C is not built")
+
+# opcheck's tests minus autograd ones (the ops are optimizer updates, never differentiated).
+TESTS = ("test_schema", "test_faketensor")
+
+
+def _adam_args(amsgrad: bool):
+    g = torch.Generator().manual_seed(0)
+    shapes = [(3,), (), (5, 2)]
+    params = [torch.randn(s, generator=g) for s in shapes]
+    grads = [torch.randn(s, generator=g) for s in shapes]
+    states = [[torch.rand(s, generator=g) for s in shapes] for _ in range(3)]
+    steps = [torch.zeros(()) for _ in shapes]
+    args = (params, grads, states[0], states[1], states[2] if amsgrad else [], steps)
+    kwargs = dict(lr=1e-3, lr_tensor=None, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01,
+                  decoupled=True, amsgrad=amsgrad, maximize=False, adax=False, grad_scale=None,
+                  found_inf=None, clip_coef=torch.tensor(0.5))  # fmt: skip
+    return args, kwargs
+
+
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_adam_op(amsgrad):
+    args, kwargs = _adam_args(amsgrad)
+    torch.library.opcheck(torch.ops.fused_optim.adam_.default, args, kwargs, test_utils=TESTS)
+
+
+def test_global_norm_and_scale_ops():
+    tensors = [torch.randn(4), torch.randn(2, 3).bfloat16(), torch.randn(())]
+    torch.library.opcheck(
+        torch.ops.fused_optim.global_norm.default, (tensors, 2.0, 1.0, None), test_utils=TESTS
+    )
+    torch.library.opcheck(
+        torch.ops.fused_optim.scale_.default, (tensors, torch.tensor(0.5)), test_utils=TESTS
+    )
+
+
+def test_adam_op_traces_under_fake_tensors():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    args, kwargs = _adam_args(False)
+    with FakeTensorMode() as mode:
+        fake_args = [[mode.from_tensor(t) for t in lst] for lst in args]
+        kwargs["clip_coef"] = mode.from_tensor(kwargs["clip_coef"])
+        torch.ops.fused_optim.adam_(*fake_args, **kwargs)
+        norm, coef = torch.ops.fused_optim.global_norm(fake_args[1], 2.0, 1.0, None)
+    assert norm.shape == () and coef.dtype == torch.float32
