@@ -8,6 +8,7 @@
 #include <torch/custom_class.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstring>
 #include <memory>
 #include <optional>
@@ -73,7 +74,8 @@ class Layouts {
   // Returns the tensor to hand to the kernel for `t`, laid out like `ref`.
   at::Tensor use(const at::Tensor& t, const at::Tensor& ref, bool written) {
     if (t.is_non_overlapping_and_dense() && t.strides() == ref.strides()) return t;
-    at::Tensor work = at::empty_like(ref);
+    // ref's layout, t's dtype (states may be fp32 under 16-bit params)
+    at::Tensor work = at::empty_like(ref, ref.options().dtype(t.scalar_type()));
     work.copy_(t);
     keep_alive_.push_back(work);  // the kernel reads it after this returns
     if (written) write_back_.emplace_back(t, work);
@@ -222,6 +224,17 @@ std::unique_ptr<AdamPlan> plan_adam(at::TensorList params, at::TensorList grads,
     r.numel = params[i].numel();
     numels[i] = r.numel;
   }
+  // Two records over one memory would race inside the parallel loop / grid (torch applies
+  // duplicated params one after the other); refuse them.
+  std::vector<void*> seen;
+  seen.reserve(n);
+  for (const AdamTensor& r : records) {
+    if (r.numel > 0) seen.push_back(r.param);
+  }
+  std::sort(seen.begin(), seen.end());
+  TORCH_CHECK(std::adjacent_find(seen.begin(), seen.end()) == seen.end(),
+              "fused_optim: the same parameter memory appears twice in one call; pass each "
+              "parameter once");
   plan->items = make_items(numels);
   return plan;
 }
@@ -297,20 +310,44 @@ void adam_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
 // that moved, a grad with another layout, working copies) takes the full path of adam_.
 class AdamGroup : public torch::CustomClassHolder {
  public:
-  AdamGroup(std::vector<at::Tensor> params, std::vector<at::Tensor> exp_avgs,
+  // Params are kept as raw TensorImpl pointers, without a strong or weak reference: either
+  // would make torch.utils.swap_tensors (module.to / load_state_dict with swapping) refuse
+  // them. The contract with the only caller, the optimizer's bucket (fused_optim/optim/
+  // _base.py): it holds the params, and it replaces this object before a step whenever a
+  // param's TensorImpl changed (it compares each param's _cdata every step).
+  AdamGroup(const std::vector<at::Tensor>& params, std::vector<at::Tensor> exp_avgs,
             std::vector<at::Tensor> exp_avg_sqs, std::vector<at::Tensor> max_exp_avg_sqs,
             std::vector<at::Tensor> steps)
-      : params_(std::move(params)),
-        exp_avgs_(std::move(exp_avgs)),
+      : exp_avgs_(std::move(exp_avgs)),
         exp_avg_sqs_(std::move(exp_avg_sqs)),
         max_exp_avg_sqs_(std::move(max_exp_avg_sqs)),
-        steps_(std::move(steps)) {}
+        steps_(std::move(steps)) {
+    param_impls_.reserve(params.size());
+    for (const at::Tensor& p : params) param_impls_.push_back(p.unsafeGetTensorImpl());
+  }
 
   void step(const std::vector<at::Tensor>& grads, double lr,
             const std::optional<at::Tensor>& lr_tensor, double beta1, double beta2, double eps,
             double weight_decay, bool decoupled, bool amsgrad, bool maximize, bool adax,
             const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
             const std::optional<at::Tensor>& clip_coef) {
+    params_.clear();  // strong references for the duration of this step only
+    params_.reserve(param_impls_.size());
+    for (c10::TensorImpl* impl : param_impls_) {
+      params_.emplace_back(c10::intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>::reclaim_copy(impl));
+    }
+    step_locked(grads, lr, lr_tensor, beta1, beta2, eps, weight_decay, decoupled, amsgrad,
+                maximize, adax, grad_scale, found_inf, clip_coef);
+    params_.clear();
+  }
+
+ private:
+  void step_locked(const std::vector<at::Tensor>& grads, double lr,
+                   const std::optional<at::Tensor>& lr_tensor, double beta1, double beta2,
+                   double eps, double weight_decay, bool decoupled, bool amsgrad, bool maximize,
+                   bool adax, const std::optional<at::Tensor>& grad_scale,
+                   const std::optional<at::Tensor>& found_inf,
+                   const std::optional<at::Tensor>& clip_coef) {
     if (!plan_ || plan_->amsgrad != amsgrad || !reuse(grads)) {
       plan_ = plan_adam(params_, grads, exp_avgs_, exp_avg_sqs_, max_exp_avg_sqs_, steps_, amsgrad);
     }
@@ -321,7 +358,6 @@ class AdamGroup : public torch::CustomClassHolder {
     if (plan_->layouts.used()) plan_.reset();  // working copies are per call
   }
 
- private:
   // True when the cached plan still describes these tensors; then it takes the grads' addresses.
   bool reuse(const std::vector<at::Tensor>& grads) {
     if (plan_->layouts.used() || grads.size() != params_.size()) return false;
@@ -342,7 +378,9 @@ class AdamGroup : public torch::CustomClassHolder {
     return true;
   }
 
-  std::vector<at::Tensor> params_, exp_avgs_, exp_avg_sqs_, max_exp_avg_sqs_, steps_;
+  std::vector<c10::TensorImpl*> param_impls_;
+  std::vector<at::Tensor> params_;  // strong references to param_impls_, during a step only
+  std::vector<at::Tensor> exp_avgs_, exp_avg_sqs_, max_exp_avg_sqs_, steps_;
   std::unique_ptr<AdamPlan> plan_;
 };
 

@@ -34,18 +34,22 @@ def _set_grads(params, step):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("amsgrad", [False, True])
 def test_matches_torch_fused_adamw(backend, dtype, amsgrad):
+    # lr large enough that the params move far more than the 16-bit tolerance: a wrong step
+    # size or sign must fail. The deltas are compared, not just the params.
     ours = _params(dtype)
     theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
-    opt = fused_optim.AdamW(ours, lr=1e-3, amsgrad=amsgrad, backend=backend)
-    ref = torch.optim.AdamW(theirs, lr=1e-3, amsgrad=amsgrad, fused=True)
+    start = [p.detach().float().clone() for p in ours]
+    opt = fused_optim.AdamW(ours, lr=2e-2, amsgrad=amsgrad, backend=backend)
+    ref = torch.optim.AdamW(theirs, lr=2e-2, amsgrad=amsgrad, fused=True)
     for step in range(10):
         _set_grads(ours, step)
         _set_grads(theirs, step)
         opt.step()
         ref.step()
-    for p, q in zip(ours, theirs, strict=True):
-        assert_close(p.detach(), q.detach(), dtype)
-        assert_close(opt.state[p]["exp_avg_sq"], ref.state[q]["exp_avg_sq"], dtype)
+    for p, q, p0 in zip(ours, theirs, start, strict=True):
+        assert_close(p.detach().float() - p0, q.detach().float() - p0, dtype)
+        for k in ("exp_avg", "exp_avg_sq"):
+            assert_close(opt.state[p][k], ref.state[q][k], dtype)
 
 
 @pytest.mark.parametrize("backend", _gpu_backends())
@@ -131,13 +135,16 @@ def test_tensor_above_2_pow_31_elements(backend):
     expected = []
     for sl in ends:
         ps, ms, vs = [p[sl].clone()], [m[sl].clone()], [v[sl].clone()]
-        _reference.adam(ps, [g[sl]], ms, vs, [], [torch.zeros((), device="cuda")], lr=1e-3, beta1=0.9,
+        # lr 0.1: the first step moves every element by ~0.1, far above the bf16 tolerance, so
+        # a kernel that skipped the tail (int32 indexing) fails.
+        _reference.adam(ps, [g[sl]], ms, vs, [], [torch.zeros((), device="cuda")], lr=0.1, beta1=0.9,
                         beta2=0.999, eps=1e-8, weight_decay=0.01, decoupled=True, amsgrad=False,
                         maximize=False)  # fmt: skip
-        expected.append(ps[0])
-    functional.adam([p], [g], [m], [v], [], step, lr=1e-3, weight_decay=0.01, decoupled=True, backend=backend)
-    for sl, e in zip(ends, expected, strict=True):
+        expected.append((p[sl].clone(), ps[0]))
+    functional.adam([p], [g], [m], [v], [], step, lr=0.1, weight_decay=0.01, decoupled=True, backend=backend)
+    for sl, (before, e) in zip(ends, expected, strict=True):
         assert_close(p[sl], e, torch.bfloat16)
+        assert (p[sl].float() - before.float()).abs().mean() > 0.05  # every element moved ~0.1
     assert step[0].item() == 1
     del p, g, m, v
     torch.cuda.empty_cache()

@@ -80,7 +80,8 @@ def adam_update(theta, g, m, v, vmax, scalars, AMSGRAD: tl.constexpr):
     adam_step_scalars' tuple; g is the gradient already multiplied by the sign / unscale / clip
     factor. vmax is only meaningful with AMSGRAD: the raw second moment's maximum, as torch."""
     one_minus_beta1, beta2, one_minus_beta2, step_size, bc2_sqrt, eps, l2_decay, decay_factor = scalars
-    g = g + l2_decay * theta
+    # Skipped when 0 (not g + 0 * theta): a non-finite theta must not turn g into NaN.
+    g = tl.where(l2_decay != 0.0, g + l2_decay * theta, g)
     theta = theta * decay_factor
     m = m + one_minus_beta1 * (g - m)
     v = beta2 * v + one_minus_beta2 * (g * g)
@@ -399,6 +400,7 @@ def adam(
             _plan.numels(params),
             _plan.ptrs(params),
             _plan.ptrs(grads),
+            _plan.layouts(grads),  # grads are the tensors that are new every step
             _plan.ptrs(exp_avgs),
             _plan.ptrs(exp_avg_sqs),
             _plan.ptrs(max_exp_avg_sqs) if amsgrad else None,

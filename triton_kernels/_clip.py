@@ -221,7 +221,7 @@ def _build_groups(tensors, index_lists, device):
 def _lookup(tensors):
     device = tensors[0].device
     try:
-        key = (device, _plan.ptrs(tensors), _plan.numels(tensors), tuple(t.dtype for t in tensors))
+        key = (device, _plan.ptrs(tensors), _plan.numels(tensors), _plan.layouts(tensors))
     except (RuntimeError, AttributeError, TypeError):
         key = None  # e.g. a sparse tensor has no data_ptr: let validation say what is wrong
     entry = _CACHE.get(key) if key is not None else None

@@ -138,21 +138,32 @@ def build(roles, device: torch.device, counters: bool = False) -> Plan:
     return Plan(meta, items, ctr, n_items, aligned, tuple(bases), host if on_cuda else None)
 
 
+def _capturing() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
 class PlanCache:
-    """A small LRU map from a call's tensor addresses/sizes to its plan."""
+    """A small LRU map from a call's tensors (addresses, sizes, layouts) to its plan. A plan
+    used while a CUDA graph is being captured is kept for good: the graph replays with its
+    device buffers, so they must never be freed and reused."""
 
     def __init__(self, size: int = _CACHE_SIZE):
         self._size = size
         self._entries = OrderedDict()
+        self._captured = {}
 
     def get(self, key):
         entry = self._entries.get(key)
         if entry is not None:
             self._entries.move_to_end(key)
+            if _capturing():
+                self._captured[key] = entry
         return entry
 
     def put(self, key, entry) -> None:
         self._entries[key] = entry
+        if _capturing():
+            self._captured[key] = entry
         if len(self._entries) > self._size:
             self._entries.popitem(last=False)
 
@@ -162,6 +173,11 @@ class PlanCache:
 
 def ptrs(tensors) -> tuple:
     return tuple(map(torch.Tensor.data_ptr, tensors))
+
+
+def layouts(tensors) -> tuple:
+    """Strides and dtypes: a tensor reallocated at a cached address may differ in either."""
+    return tuple(map(torch.Tensor.stride, tensors)), tuple(t.dtype for t in tensors)
 
 
 def numels(tensors) -> tuple:

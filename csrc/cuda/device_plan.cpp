@@ -3,6 +3,7 @@
 
 #include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 
 #include <cstring>
 #include <deque>
@@ -19,10 +20,11 @@ struct CachedPlan {
   at::Tensor host;           // pinned copy, kept alive: a captured graph replays the copy from it
   at::Tensor plan;           // device copy
   at::Tensor counters;       // int32 zeros
-  bool captured = false;     // created under stream capture: never evicted
+  bool captured = false;     // used by a stream capture: a graph may replay it, never evicted
 };
 
-constexpr size_t kMaxCached = 64;
+// One entry per distinct plan in use (an optimizer has one per bucket); host bytes are small.
+constexpr size_t kMaxCached = 1024;
 std::mutex cache_mutex;
 std::deque<CachedPlan> cache;  // most recently used first
 
@@ -51,18 +53,29 @@ DevicePlan upload_plan(const std::vector<uint8_t>& bytes, size_t records_size, i
     entry.plan = entry.host.to(device, /*non_blocking=*/true);
     entry.counters = at::zeros({std::max<int32_t>(n_tensors, 1)},
                                at::TensorOptions().dtype(at::kInt).device(device));
-    entry.captured = c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
     cache.push_front(std::move(entry));
     // Evict the least recently used plans that no captured graph may depend on.
     for (size_t i = cache.size(); cache.size() > kMaxCached && i-- > 1;) {
       if (!cache[i].captured) cache.erase(cache.begin() + static_cast<std::ptrdiff_t>(i));
     }
   }
-  const CachedPlan& hit = cache.front();
+  CachedPlan& hit = cache.front();
+  // A graph captured now replays with these buffers: keep them for good (hits included).
+  if (c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None) {
+    hit.captured = true;
+  } else {
+    // Used on the current stream, perhaps not the one that allocated them: an eviction must
+    // not hand the memory to that stream's allocations before this launch is done with it.
+    const c10::Stream stream = c10::cuda::getCurrentCUDAStream(device.index());
+    hit.plan.record_stream(stream);
+    hit.counters.record_stream(stream);
+  }
   DevicePlan out;
   out.records = hit.plan.data_ptr();
   out.items = static_cast<const uint8_t*>(hit.plan.data_ptr()) + records_size;
   out.counters = hit.counters.data_ptr<int32_t>();
+  out.keep_plan = hit.plan;
+  out.keep_counters = hit.counters;
   return out;
 }
 

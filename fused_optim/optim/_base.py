@@ -2,6 +2,7 @@
 global-norm clipping folded into the update, the GradScaler fused protocol, validation."""
 
 import math
+import operator
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -49,6 +50,27 @@ class Bucket:
     run: object = None  # run(grads, **hyper, grad_scale=, found_inf=, clip_coef=): one fused call
 
 
+@dataclass
+class _GroupCache:
+    """What a param group's buckets were built from; checked by identity every step."""
+
+    group: dict
+    state: object  # the optimizer's state mapping
+    params: list  # group["params"] as it was
+    present: tuple  # which params had grads
+    state_keys: tuple
+    per_param: list  # each param's state dict
+    handles: list  # each param's C++ tensor (torch.utils.swap_tensors changes it)
+    buckets: list
+
+
+_HANDLE = operator.attrgetter("_cdata")
+
+
+def _same_objects(a: list, b: list) -> bool:
+    return len(a) == len(b) and all(map(operator.is_, a, b))
+
+
 class FusedOptimizer(torch.optim.Optimizer):
     """Base class. Subclasses implement _state_keys(group) (tensor states besides "step"; the
     first one's dtype is the bucket's state dtype), _new_state(param, key), _hyper(group) (the
@@ -65,7 +87,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
         self.backend = _backends.check_name(backend)
         self.last_grad_norm: torch.Tensor | None = None  # total grad norm of the last clipped step
-        self._buckets: dict[int, tuple[tuple, list[Bucket]]] = {}
+        self._buckets: dict[int, _GroupCache] = {}
         super().__init__(params, defaults)
 
     # ---- torch.optim.Optimizer hooks ------------------------------------------------------
@@ -88,25 +110,54 @@ class FusedOptimizer(torch.optim.Optimizer):
         super().load_state_dict(state_dict)
         self._buckets.clear()
 
+    # torch.optim.Optimizer pickles only defaults, state and param_groups: keep our settings
+    # too (copy.deepcopy, torch.save of the optimizer) and rebuild the caches on the way back.
+    def __getstate__(self):
+        state = super().__getstate__()
+        state["max_grad_norm"] = self.max_grad_norm
+        state["backend"] = self.backend
+        return state
+
+    def __setstate__(self, state):
+        state = dict(state)
+        self.max_grad_norm = state.pop("max_grad_norm", getattr(self, "max_grad_norm", None))
+        self.backend = state.pop("backend", getattr(self, "backend", "auto"))
+        self.last_grad_norm = getattr(self, "last_grad_norm", None)
+        self._buckets = {}
+        super().__setstate__(state)
+
     def _validate_group(self, group) -> None:  # overridden by subclasses
         pass
 
     # ---- grouping ---------------------------------------------------------------------------
 
     def _buckets_for(self, gi: int, group, grads) -> list[Bucket]:
-        """Buckets of group `gi` for this set of present grads; rebuilt only when it changes."""
-        key = tuple(g is not None for g in grads)
-        cached = self._buckets.get(gi)
-        if cached is not None and cached[0] == key:
-            return cached[1]
+        """Buckets of group `gi` for this set of present grads. Rebuilt when anything they were
+        built from changed: the group, its params, which have grads, the state mapping or a
+        param's state dict (replaced or deleted), a param's tensor (swap_tensors). Assigning a
+        new tensor into an existing state dict (state[p]["exp_avg"] = t) is not noticed."""
+        params = group["params"]
+        present = tuple(g is not None for g in grads)
+        keys = self._state_keys(group)
+        c = self._buckets.get(gi)
+        if (
+            c is not None
+            and c.group is group
+            and c.state is self.state
+            and c.present == present
+            and c.state_keys == keys
+            and _same_objects(c.params, params)
+            and _same_objects(c.per_param, list(map(self.state.get, params)))
+            and c.handles == list(map(_HANDLE, params))
+        ):
+            return c.buckets
         by_kind: dict[tuple, Bucket] = {}
-        for i, (p, g) in enumerate(zip(group["params"], grads, strict=True)):
+        for i, (p, g) in enumerate(zip(params, grads, strict=True)):
             if g is None:
                 continue
             if g.is_sparse:
                 raise RuntimeError("fused_optim: sparse gradients are not supported (use a dense embedding)")
             state = self.state[p]
-            keys = self._state_keys(group)
             for k in keys:  # new params, or a state_dict that lacked a key (e.g. amsgrad turned on)
                 if k not in state:
                     state[k] = self._new_state(p, k)
@@ -121,7 +172,10 @@ class FusedOptimizer(torch.optim.Optimizer):
             for k in keys + ("step",):
                 b.states.setdefault(k, []).append(state[k])
         buckets = list(by_kind.values())
-        self._buckets[gi] = (key, buckets)
+        self._buckets[gi] = _GroupCache(
+            group, self.state, list(params), present, keys, list(map(self.state.get, params)),
+            list(map(_HANDLE, params)), buckets,
+        )  # fmt: skip
         return buckets
 
     @staticmethod

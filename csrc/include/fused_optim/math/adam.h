@@ -79,7 +79,8 @@ FO_HOST_DEVICE float grad_multiplier(bool maximize, const float* grad_scale,
 template <bool kAmsgrad>
 FO_HOST_DEVICE void adam_element(float& theta, float g, float& m, float& v, float& vmax,
                                  const AdamStepScalars& s) {
-  g = g + s.l2_decay * theta;
+  // Skipped when 0 (not g + 0 * theta): a non-finite theta must not turn g into NaN.
+  if (s.l2_decay != 0.0f) g = g + s.l2_decay * theta;
   theta = theta * s.decay_factor;
   m = m + s.one_minus_beta1 * (g - m);
   v = s.beta2 * v + s.one_minus_beta2 * (g * g);
