@@ -331,25 +331,16 @@ class AdamGroup : public torch::CustomClassHolder {
             double weight_decay, bool decoupled, bool amsgrad, bool maximize, bool adax,
             const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
             const std::optional<at::Tensor>& clip_coef) {
-    params_.clear();  // strong references for the duration of this step only
-    params_.reserve(param_impls_.size());
-    for (c10::TensorImpl* impl : param_impls_) {
-      params_.emplace_back(c10::intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>::reclaim_copy(impl));
-    }
-    step_locked(grads, lr, lr_tensor, beta1, beta2, eps, weight_decay, decoupled, amsgrad,
-                maximize, adax, grad_scale, found_inf, clip_coef);
-    params_.clear();
-  }
-
- private:
-  void step_locked(const std::vector<at::Tensor>& grads, double lr,
-                   const std::optional<at::Tensor>& lr_tensor, double beta1, double beta2,
-                   double eps, double weight_decay, bool decoupled, bool amsgrad, bool maximize,
-                   bool adax, const std::optional<at::Tensor>& grad_scale,
-                   const std::optional<at::Tensor>& found_inf,
-                   const std::optional<at::Tensor>& clip_coef) {
     if (!plan_ || plan_->amsgrad != amsgrad || !reuse(grads)) {
-      plan_ = plan_adam(params_, grads, exp_avgs_, exp_avg_sqs_, max_exp_avg_sqs_, steps_, amsgrad);
+      // Strong references only while a full plan is built (touching 2000 refcounts per step
+      // cost more than the reuse check itself).
+      std::vector<at::Tensor> params;
+      params.reserve(param_impls_.size());
+      for (c10::TensorImpl* impl : param_impls_) {
+        params.emplace_back(
+            c10::intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>::reclaim_copy(impl));
+      }
+      plan_ = plan_adam(params, grads, exp_avgs_, exp_avg_sqs_, max_exp_avg_sqs_, steps_, amsgrad);
     }
     if (plan_->records.empty()) return;
     set_adam_scalars(plan_->args, plan_->device, lr, lr_tensor, beta1, beta2, eps, weight_decay,
@@ -358,17 +349,19 @@ class AdamGroup : public torch::CustomClassHolder {
     if (plan_->layouts.used()) plan_.reset();  // working copies are per call
   }
 
+ private:
   // True when the cached plan still describes these tensors; then it takes the grads' addresses.
   bool reuse(const std::vector<at::Tensor>& grads) {
-    if (plan_->layouts.used() || grads.size() != params_.size()) return false;
-    const at::ScalarType dtype = params_.empty() ? at::kFloat : params_[0].scalar_type();
+    if (plan_->layouts.used() || grads.size() != param_impls_.size()) return false;
     for (size_t i = 0; i < grads.size(); ++i) {
       const at::Tensor& g = grads[i];
+      const c10::TensorImpl* param = param_impls_[i];
       const AdamTensor& r = plan_->records[i];
       const bool same = g.defined() && g.layout() == at::kStrided && g.device() == plan_->device &&
-                        g.scalar_type() == dtype && g.numel() == r.numel &&
-                        g.is_non_overlapping_and_dense() && g.strides() == params_[i].strides() &&
-                        params_[i].data_ptr() == r.param && exp_avgs_[i].data_ptr() == r.exp_avg &&
+                        g.dtype() == param->dtype() && g.numel() == r.numel &&
+                        param->numel() == r.numel && g.is_non_overlapping_and_dense() &&
+                        g.strides() == param->strides() && param->data() == r.param &&
+                        exp_avgs_[i].data_ptr() == r.exp_avg &&
                         exp_avg_sqs_[i].data_ptr() == r.exp_avg_sq &&
                         steps_[i].data_ptr() == r.step &&
                         (!plan_->amsgrad || max_exp_avg_sqs_[i].data_ptr() == r.max_exp_avg_sq);
@@ -379,7 +372,6 @@ class AdamGroup : public torch::CustomClassHolder {
   }
 
   std::vector<c10::TensorImpl*> param_impls_;
-  std::vector<at::Tensor> params_;  // strong references to param_impls_, during a step only
   std::vector<at::Tensor> exp_avgs_, exp_avg_sqs_, max_exp_avg_sqs_, steps_;
   std::unique_ptr<AdamPlan> plan_;
 };

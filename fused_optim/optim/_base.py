@@ -50,16 +50,52 @@ class Bucket:
     run: object = None  # run(grads, **hyper, grad_scale=, found_inf=, clip_coef=): one fused call
 
 
+class _CountedState(defaultdict):
+    """The optimizer's state mapping, counting its own changes, so a step can tell in O(1)
+    whether any param's state dict was added, replaced or deleted since the grouping was
+    built (looking each one up costs ~0.1 us per param through Tensor.__hash__)."""
+
+    def __init__(self, *args):
+        super().__init__(dict, *args)
+        self.changes = 0
+
+    def __setitem__(self, key, value):  # also reached by defaultdict's insertion of a missing key
+        self.changes += 1
+        super().__setitem__(key, value)
+
+    def __delitem__(self, key):
+        self.changes += 1
+        super().__delitem__(key)
+
+    def _changed(name):  # noqa: N805  (wraps the other mutating methods)
+        def method(self, *args, **kwargs):
+            self.changes += 1
+            return getattr(defaultdict, name)(self, *args, **kwargs)
+
+        return method
+
+    pop = _changed("pop")
+    popitem = _changed("popitem")
+    clear = _changed("clear")
+    update = _changed("update")
+    setdefault = _changed("setdefault")
+    __ior__ = _changed("__ior__")
+    del _changed
+
+    def __reduce__(self):  # pickles as the plain defaultdict(dict) torch.optim uses
+        return (defaultdict, (dict, dict(self)))
+
+
 @dataclass
 class _GroupCache:
     """What a param group's buckets were built from; checked by identity every step."""
 
     group: dict
-    state: object  # the optimizer's state mapping
+    state: object  # the optimizer's state mapping (a _CountedState)
+    changes: int  # its change count
     params: list  # group["params"] as it was
     present: tuple  # which params had grads
     state_keys: tuple
-    per_param: list  # each param's state dict
     handles: list  # each param's C++ tensor (torch.utils.swap_tensors changes it)
     buckets: list
 
@@ -139,15 +175,17 @@ class FusedOptimizer(torch.optim.Optimizer):
         params = group["params"]
         present = tuple(g is not None for g in grads)
         keys = self._state_keys(group)
+        if type(self.state) is not _CountedState:  # e.g. the user assigned opt.state = {...}
+            self.state = _CountedState(self.state)
         c = self._buckets.get(gi)
         if (
             c is not None
             and c.group is group
             and c.state is self.state
+            and c.changes == self.state.changes
             and c.present == present
             and c.state_keys == keys
             and _same_objects(c.params, params)
-            and _same_objects(c.per_param, list(map(self.state.get, params)))
             and c.handles == list(map(_HANDLE, params))
         ):
             return c.buckets
@@ -173,7 +211,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                 b.states.setdefault(k, []).append(state[k])
         buckets = list(by_kind.values())
         self._buckets[gi] = _GroupCache(
-            group, self.state, list(params), present, keys, list(map(self.state.get, params)),
+            group, self.state, self.state.changes, list(params), present, keys,
             list(map(_HANDLE, params)), buckets,
         )  # fmt: skip
         return buckets
