@@ -39,7 +39,15 @@ def _params(device="cpu", n=3):
 @pytest.mark.parametrize("backend,device", backend_device_params())
 @pytest.mark.parametrize(
     "change",
-    ["pop_group", "replace_param", "reset_state", "delete_param_state", "amsgrad_on"],
+    [
+        "pop_group",
+        "replace_param",
+        "reset_state",
+        "delete_param_state",
+        "replace_param_state",
+        "clear_state",
+        "amsgrad_on",
+    ],
 )
 def test_changes_between_steps_are_followed_like_torch(backend, device, change):
     ours, theirs = _both(lambda: _params(device))
@@ -56,6 +64,10 @@ def test_changes_between_steps_are_followed_like_torch(backend, device, change):
             o.state = defaultdict(dict)
         elif change == "delete_param_state":
             del o.state[o.param_groups[1]["params"][0]]
+        elif change == "replace_param_state":
+            o.state[o.param_groups[1]["params"][0]] = {}
+        elif change == "clear_state":
+            o.state.clear()
         elif change == "amsgrad_on":
             for g in o.param_groups:
                 g["amsgrad"] = True
