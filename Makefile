@@ -20,7 +20,7 @@ $(VENV)/bin/python:
 	$(PY) -m pip install -q --upgrade pip
 	# torch first and pinned, so nothing below can pull another (multi-GB CUDA) build
 	$(PY) -m pip install -q $(TORCH_SPEC)
-	$(PY) -m pip install -q setuptools wheel ninja pytest numpy ruff triton
+	$(PY) -m pip install -q setuptools wheel ninja pytest numpy ruff triton clang-format==23.1.5
 
 $(STAMP): $(VENV)/bin/python $(SOURCES)
 	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
@@ -29,6 +29,7 @@ $(STAMP): $(VENV)/bin/python $(SOURCES)
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/clang-format --dry-run --Werror $$(git ls-files 'csrc/*.cpp' 'csrc/*.h' 'csrc/*.cu' 'csrc/*.cuh')
 
 cuda-check: setup
 	@if command -v nvcc >/dev/null 2>&1 || [ -x "$${CUDA_HOME:-/usr/local/cuda}/bin/nvcc" ]; then \

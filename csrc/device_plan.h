@@ -12,9 +12,9 @@
 namespace fused_optim {
 
 struct DevicePlan {
-  const void* records = nullptr;  // device copy of the per-tensor records
-  const void* items = nullptr;    // device copy of the work items
-  int32_t* counters = nullptr;    // n_tensors zeroed int32 (for per-tensor completion counts)
+  const void* records = nullptr;        // device copy of the per-tensor records
+  const void* items = nullptr;          // device copy of the work items
+  int32_t* counters = nullptr;          // n_tensors zeroed int32 (for per-tensor completion counts)
   at::Tensor keep_plan, keep_counters;  // hold the buffers until the launch is queued
 };
 

@@ -29,9 +29,12 @@ namespace {
 
 DType to_dtype(const at::Tensor& t, const char* what) {
   switch (t.scalar_type()) {
-    case at::kFloat: return DType::kFloat32;
-    case at::kHalf: return DType::kFloat16;
-    case at::kBFloat16: return DType::kBFloat16;
+    case at::kFloat:
+      return DType::kFloat32;
+    case at::kHalf:
+      return DType::kFloat16;
+    case at::kBFloat16:
+      return DType::kBFloat16;
     default:
       TORCH_CHECK_TYPE(false, "fused_optim: ", what, " has dtype ", t.scalar_type(),
                        "; supported dtypes are float32, float16 and bfloat16");
@@ -46,8 +49,7 @@ void check_plain(const at::Tensor& t, const char* what, int64_t i) {
                    "] is complex; view it as real (torch.view_as_real) first");
 }
 
-void check_same_device(const at::Tensor& t, const at::Device& device, const char* what,
-                       int64_t i) {
+void check_same_device(const at::Tensor& t, const at::Device& device, const char* what, int64_t i) {
   TORCH_CHECK(t.device() == device, "fused_optim: ", what, "[", i, "] is on ", t.device(),
               " but params[0] is on ", device, "; one call takes tensors of one device");
 }
@@ -56,8 +58,8 @@ void check_scalar_tensor(const std::optional<at::Tensor>& t, const at::Device& d
                          const char* what) {
   if (!t.has_value()) return;
   TORCH_CHECK(t->numel() == 1 && t->scalar_type() == at::kFloat, "fused_optim: ", what,
-              " must be a one-element float32 tensor, got ", t->scalar_type(), " with ",
-              t->numel(), " elements");
+              " must be a one-element float32 tensor, got ", t->scalar_type(), " with ", t->numel(),
+              " elements");
   TORCH_CHECK(t->device() == device, "fused_optim: ", what, " is on ", t->device(),
               " but the params are on ", device);
 }
@@ -83,8 +85,9 @@ class Layouts {
   }
   // The layout the kernel uses for a param: its own when dense, else contiguous.
   static at::Tensor reference(const at::Tensor& param) {
-    return param.is_non_overlapping_and_dense() ? param
-                                                : at::empty_like(param, at::MemoryFormat::Contiguous);
+    return param.is_non_overlapping_and_dense()
+               ? param
+               : at::empty_like(param, at::MemoryFormat::Contiguous);
   }
   void finish() {
     for (auto& [dst, src] : write_back_) dst.copy_(src);
@@ -165,11 +168,11 @@ std::unique_ptr<AdamPlan> plan_adam(at::TensorList params, at::TensorList grads,
                                     at::TensorList max_exp_avg_sqs, at::TensorList steps,
                                     bool amsgrad) {
   const size_t n = params.size();
-  TORCH_CHECK(grads.size() == n && exp_avgs.size() == n && exp_avg_sqs.size() == n &&
-                  steps.size() == n,
-              "fused_optim: params, grads, exp_avgs, exp_avg_sqs and state_steps must have the "
-              "same length, got ", n, ", ", grads.size(), ", ", exp_avgs.size(), ", ",
-              exp_avg_sqs.size(), ", ", steps.size());
+  TORCH_CHECK(
+      grads.size() == n && exp_avgs.size() == n && exp_avg_sqs.size() == n && steps.size() == n,
+      "fused_optim: params, grads, exp_avgs, exp_avg_sqs and state_steps must have the "
+      "same length, got ",
+      n, ", ", grads.size(), ", ", exp_avgs.size(), ", ", exp_avg_sqs.size(), ", ", steps.size());
   TORCH_CHECK(!amsgrad || max_exp_avg_sqs.size() == n,
               "fused_optim: amsgrad needs one max_exp_avg_sq per param");
   auto plan = std::make_unique<AdamPlan>();
@@ -217,7 +220,8 @@ std::unique_ptr<AdamPlan> plan_adam(at::TensorList params, at::TensorList grads,
       check_same_device(max_exp_avg_sqs[i], device, "max_exp_avg_sqs", ii);
       TORCH_CHECK_TYPE(max_exp_avg_sqs[i].scalar_type() == exp_avgs[0].scalar_type() &&
                            max_exp_avg_sqs[i].numel() == params[i].numel(),
-                       "fused_optim: max_exp_avg_sqs[", i, "] must match exp_avgs in dtype and size");
+                       "fused_optim: max_exp_avg_sqs[", i,
+                       "] must match exp_avgs in dtype and size");
       r.max_exp_avg_sq = layouts.use(max_exp_avg_sqs[i], ref, true).data_ptr();
     }
     r.step = steps[i].data_ptr<float>();
@@ -293,9 +297,9 @@ void run_adam(AdamPlan& plan) {
 void adam_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
            at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList steps,
            double lr, const std::optional<at::Tensor>& lr_tensor, double beta1, double beta2,
-           double eps, double weight_decay, bool decoupled, bool amsgrad, bool maximize,
-           bool adax, const std::optional<at::Tensor>& grad_scale,
-           const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& clip_coef) {
+           double eps, double weight_decay, bool decoupled, bool amsgrad, bool maximize, bool adax,
+           const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+           const std::optional<at::Tensor>& clip_coef) {
   auto plan = plan_adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, amsgrad);
   if (plan->records.empty()) return;
   set_adam_scalars(plan->args, plan->device, lr, lr_tensor, beta1, beta2, eps, weight_decay,
@@ -357,14 +361,13 @@ class AdamGroup : public torch::CustomClassHolder {
       const at::Tensor& g = grads[i];
       const c10::TensorImpl* param = param_impls_[i];
       const AdamTensor& r = plan_->records[i];
-      const bool same = g.defined() && g.layout() == at::kStrided && g.device() == plan_->device &&
-                        g.dtype() == param->dtype() && g.numel() == r.numel &&
-                        param->numel() == r.numel && g.is_non_overlapping_and_dense() &&
-                        g.strides() == param->strides() && param->data() == r.param &&
-                        exp_avgs_[i].data_ptr() == r.exp_avg &&
-                        exp_avg_sqs_[i].data_ptr() == r.exp_avg_sq &&
-                        steps_[i].data_ptr() == r.step &&
-                        (!plan_->amsgrad || max_exp_avg_sqs_[i].data_ptr() == r.max_exp_avg_sq);
+      const bool same =
+          g.defined() && g.layout() == at::kStrided && g.device() == plan_->device &&
+          g.dtype() == param->dtype() && g.numel() == r.numel && param->numel() == r.numel &&
+          g.is_non_overlapping_and_dense() && g.strides() == param->strides() &&
+          param->data() == r.param && exp_avgs_[i].data_ptr() == r.exp_avg &&
+          exp_avg_sqs_[i].data_ptr() == r.exp_avg_sq && steps_[i].data_ptr() == r.step &&
+          (!plan_->amsgrad || max_exp_avg_sqs_[i].data_ptr() == r.max_exp_avg_sq);
       if (!same) return false;
     }
     for (size_t i = 0; i < grads.size(); ++i) plan_->records[i].grad = grads[i].data_ptr();

@@ -5,32 +5,32 @@
 #include <vector>
 
 #include "dtype.h"
-#include "isa.h"
 #include "fused_optim/kernels.h"
 #include "fused_optim/math/adam.h"
+#include "isa.h"
 
 namespace fused_optim {
 namespace {
 
 // The inner loop over one chunk, once per ISA (isa.h). Plain indexing and fp32 math so the
 // compiler vectorises it (built with -O3 -fno-math-errno: sqrtf would otherwise block it).
-#define FO_DEFINE_ADAM_CHUNK(suffix, attrs)                                                        \
-  template <typename P, typename S, bool kAmsgrad>                                                 \
-  attrs void adam_chunk_##suffix(P* __restrict__ param, const P* __restrict__ grad,               \
-                                 S* __restrict__ exp_avg, S* __restrict__ exp_avg_sq,              \
-                                 S* __restrict__ max_exp_avg_sq, int64_t n,                        \
-                                 const AdamStepScalars s, const float grad_mult) {                 \
-    for (int64_t i = 0; i < n; ++i) {                                                              \
-      float theta = static_cast<float>(param[i]);                                                  \
-      float m = static_cast<float>(exp_avg[i]);                                                    \
-      float v = static_cast<float>(exp_avg_sq[i]);                                                 \
-      float vmax = kAmsgrad ? static_cast<float>(max_exp_avg_sq[i]) : 0.0f;                        \
-      adam_element<kAmsgrad>(theta, static_cast<float>(grad[i]) * grad_mult, m, v, vmax, s);       \
-      param[i] = static_cast<P>(theta);                                                            \
-      exp_avg[i] = static_cast<S>(m);                                                              \
-      exp_avg_sq[i] = static_cast<S>(v);                                                           \
-      if (kAmsgrad) max_exp_avg_sq[i] = static_cast<S>(vmax);                                      \
-    }                                                                                              \
+#define FO_DEFINE_ADAM_CHUNK(suffix, attrs)                                                  \
+  template <typename P, typename S, bool kAmsgrad>                                           \
+  attrs void adam_chunk_##suffix(P* __restrict__ param, const P* __restrict__ grad,          \
+                                 S* __restrict__ exp_avg, S* __restrict__ exp_avg_sq,        \
+                                 S* __restrict__ max_exp_avg_sq, int64_t n,                  \
+                                 const AdamStepScalars s, const float grad_mult) {           \
+    for (int64_t i = 0; i < n; ++i) {                                                        \
+      float theta = static_cast<float>(param[i]);                                            \
+      float m = static_cast<float>(exp_avg[i]);                                              \
+      float v = static_cast<float>(exp_avg_sq[i]);                                           \
+      float vmax = kAmsgrad ? static_cast<float>(max_exp_avg_sq[i]) : 0.0f;                  \
+      adam_element<kAmsgrad>(theta, static_cast<float>(grad[i]) * grad_mult, m, v, vmax, s); \
+      param[i] = static_cast<P>(theta);                                                      \
+      exp_avg[i] = static_cast<S>(m);                                                        \
+      exp_avg_sq[i] = static_cast<S>(v);                                                     \
+      if (kAmsgrad) max_exp_avg_sq[i] = static_cast<S>(vmax);                                \
+    }                                                                                        \
   }
 FO_CPU_ISA_VARIANTS(FO_DEFINE_ADAM_CHUNK)
 #undef FO_DEFINE_ADAM_CHUNK
@@ -46,11 +46,10 @@ void adam_items(const AdamArgs& a, const std::vector<AdamStepScalars>& scalars, 
       const int64_t start = item.chunk * kChunkSize;
       const int64_t n = std::min(kChunkSize, t.numel - start);
       if (n <= 0) continue;
-      chunk(
-          static_cast<P*>(t.param) + start, static_cast<const P*>(t.grad) + start,
-          static_cast<S*>(t.exp_avg) + start, static_cast<S*>(t.exp_avg_sq) + start,
-          kAmsgrad ? static_cast<S*>(t.max_exp_avg_sq) + start : nullptr, n,
-          scalars[item.tensor], grad_mult);
+      chunk(static_cast<P*>(t.param) + start, static_cast<const P*>(t.grad) + start,
+            static_cast<S*>(t.exp_avg) + start, static_cast<S*>(t.exp_avg_sq) + start,
+            kAmsgrad ? static_cast<S*>(t.max_exp_avg_sq) + start : nullptr, n, scalars[item.tensor],
+            grad_mult);
     }
   });
 }
@@ -70,10 +69,9 @@ void adam_cpu(const AdamArgs& a) {
     const float step = *a.tensors[i].step;
     if (i == 0 || step != prev_step) {
       const double t = static_cast<double>(step) + 1.0;
-      scalars[i] = a.adax ? adax_step_scalars(lr, t, a.beta1, a.beta2, a.eps, a.weight_decay,
-                                              a.decoupled)
-                          : adam_step_scalars(lr, t, a.beta1, a.beta2, a.eps, a.weight_decay,
-                                              a.decoupled);
+      scalars[i] =
+          a.adax ? adax_step_scalars(lr, t, a.beta1, a.beta2, a.eps, a.weight_decay, a.decoupled)
+                 : adam_step_scalars(lr, t, a.beta1, a.beta2, a.eps, a.weight_decay, a.decoupled);
     } else {
       scalars[i] = scalars[i - 1];
     }

@@ -13,9 +13,15 @@ namespace fused_optim {
 template <typename Fn>
 void dispatch_dtype(DType dtype, Fn&& fn) {
   switch (dtype) {
-    case DType::kFloat32: fn(float{}); return;
-    case DType::kFloat16: fn(c10::Half{}); return;
-    case DType::kBFloat16: fn(c10::BFloat16{}); return;
+    case DType::kFloat32:
+      fn(float{});
+      return;
+    case DType::kFloat16:
+      fn(c10::Half{});
+      return;
+    case DType::kBFloat16:
+      fn(c10::BFloat16{});
+      return;
   }
   TORCH_CHECK(false, "fused_optim: unsupported dtype code ", static_cast<int>(dtype));
 }

@@ -39,9 +39,12 @@ namespace fused_optim {
 template <typename Fn>
 Fn pick_isa(Fn base, Fn avx2, Fn avx512) {
   switch (cpu_isa()) {
-    case CpuIsa::kAvx512: return avx512;
-    case CpuIsa::kAvx2: return avx2;
-    default: return base;
+    case CpuIsa::kAvx512:
+      return avx512;
+    case CpuIsa::kAvx2:
+      return avx2;
+    default:
+      return base;
   }
 }
 

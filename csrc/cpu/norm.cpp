@@ -6,8 +6,8 @@
 #include <algorithm>
 
 #include "dtype.h"
-#include "isa.h"
 #include "fused_optim/kernels.h"
+#include "isa.h"
 
 namespace fused_optim {
 namespace {
@@ -16,30 +16,30 @@ namespace {
 // (no -ffast-math); the lanes are combined in a fixed order.
 constexpr int kLanes = 16;
 
-#define FO_DEFINE_SUM_OF_SQUARES(suffix, attrs)                                         \
-  template <typename T>                                                                 \
-  attrs double chunk_sum_of_squares_##suffix(const T* __restrict__ x, int64_t n) {      \
-    float lanes[kLanes] = {};                                                           \
-    int64_t i = 0;                                                                      \
-    for (; i + kLanes <= n; i += kLanes) {                                              \
-      for (int l = 0; l < kLanes; ++l) {                                                \
-        const float v = static_cast<float>(x[i + l]);                                   \
-        lanes[l] += v * v;                                                              \
-      }                                                                                 \
-    }                                                                                   \
-    double acc = 0.0;                                                                   \
-    for (int l = 0; l < kLanes; ++l) acc += lanes[l];                                   \
-    for (; i < n; ++i) {                                                                \
-      acc += norm_contribution(static_cast<float>(x[i]), NormKind::kTwo, 2.0f);         \
-    }                                                                                   \
-    return acc;                                                                         \
+#define FO_DEFINE_SUM_OF_SQUARES(suffix, attrs)                                    \
+  template <typename T>                                                            \
+  attrs double chunk_sum_of_squares_##suffix(const T* __restrict__ x, int64_t n) { \
+    float lanes[kLanes] = {};                                                      \
+    int64_t i = 0;                                                                 \
+    for (; i + kLanes <= n; i += kLanes) {                                         \
+      for (int l = 0; l < kLanes; ++l) {                                           \
+        const float v = static_cast<float>(x[i + l]);                              \
+        lanes[l] += v * v;                                                         \
+      }                                                                            \
+    }                                                                              \
+    double acc = 0.0;                                                              \
+    for (int l = 0; l < kLanes; ++l) acc += lanes[l];                              \
+    for (; i < n; ++i) {                                                           \
+      acc += norm_contribution(static_cast<float>(x[i]), NormKind::kTwo, 2.0f);    \
+    }                                                                              \
+    return acc;                                                                    \
   }
 FO_CPU_ISA_VARIANTS(FO_DEFINE_SUM_OF_SQUARES)
 #undef FO_DEFINE_SUM_OF_SQUARES
 
-#define FO_DEFINE_SCALE(suffix, attrs)                                                  \
-  template <typename T>                                                                 \
-  attrs void chunk_scale_##suffix(T* __restrict__ x, int64_t n, float coef) {           \
+#define FO_DEFINE_SCALE(suffix, attrs)                                                      \
+  template <typename T>                                                                     \
+  attrs void chunk_scale_##suffix(T* __restrict__ x, int64_t n, float coef) {               \
     for (int64_t i = 0; i < n; ++i) x[i] = static_cast<T>(static_cast<float>(x[i]) * coef); \
   }
 FO_CPU_ISA_VARIANTS(FO_DEFINE_SCALE)

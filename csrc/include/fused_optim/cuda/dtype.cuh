@@ -79,9 +79,15 @@ struct TypeTag {
 template <typename F>
 void dispatch_dtype(DType dtype, F&& f) {
   switch (dtype) {
-    case DType::kFloat32: f(TypeTag<float>{}); return;
-    case DType::kFloat16: f(TypeTag<__half>{}); return;
-    case DType::kBFloat16: f(TypeTag<__nv_bfloat16>{}); return;
+    case DType::kFloat32:
+      f(TypeTag<float>{});
+      return;
+    case DType::kFloat16:
+      f(TypeTag<__half>{});
+      return;
+    case DType::kBFloat16:
+      f(TypeTag<__nv_bfloat16>{});
+      return;
   }
   throw std::invalid_argument("fused_optim: unsupported dtype code " +
                               std::to_string(static_cast<int>(dtype)));

@@ -5,7 +5,8 @@
 //   m <- m + (1 - beta1) (g - m)
 //   v <- beta2_t v + (1 - beta2_t) g^2
 //   theta <- theta - step_size * m / (sqrt(v) / bc2_sqrt + eps_t)
-// Adam:  beta2_t = beta2, step_size = lr / (1 - beta1^t), bc2_sqrt = sqrt(1 - beta2^t), eps_t = eps.
+// Adam: beta2_t = beta2, step_size = lr / (1 - beta1^t), bc2_sqrt = sqrt(1 - beta2^t),
+//   eps_t = eps.
 // AdaX (normalised v-hat form, never overflows): bc_t = (1 + beta2)^t - 1,
 //   1 - beta2_t = beta2 / bc_t, step_size = lr, bc2_sqrt = 1, eps_t = eps / sqrt(bc_t).
 #pragma once
@@ -30,8 +31,7 @@ struct AdamStepScalars {
 
 // t is the new (already incremented) step. Bias corrections are taken in double, as torch does.
 FO_HOST_DEVICE AdamStepScalars adam_step_scalars(double lr, double t, double beta1, double beta2,
-                                                 double eps, double weight_decay,
-                                                 bool decoupled) {
+                                                 double eps, double weight_decay, bool decoupled) {
   AdamStepScalars s;
   const double bc1 = 1.0 - pow(beta1, t);
   const double bc2 = 1.0 - pow(beta2, t);
@@ -48,8 +48,7 @@ FO_HOST_DEVICE AdamStepScalars adam_step_scalars(double lr, double t, double bet
 
 // AdaX: beta2 is the growth increment. bc_t = expm1(t * log1p(beta2)) in double.
 FO_HOST_DEVICE AdamStepScalars adax_step_scalars(double lr, double t, double beta1, double beta2,
-                                                 double eps, double weight_decay,
-                                                 bool decoupled) {
+                                                 double eps, double weight_decay, bool decoupled) {
   AdamStepScalars s;
   const double bc = expm1(t * log1p(beta2));
   const double w = beta2 / bc;  // weight of g^2 in the v-hat average; 1 at t = 1

@@ -13,9 +13,12 @@ enum class NormKind : int { kTwo = 0, kInf = 1, kP = 2 };
 FO_HOST_DEVICE float norm_contribution(float x, NormKind kind, float p) {
   const float a = fabsf(x);
   switch (kind) {
-    case NormKind::kTwo: return a * a;
-    case NormKind::kInf: return a;
-    default: return powf(a, p);
+    case NormKind::kTwo:
+      return a * a;
+    case NormKind::kInf:
+      return a;
+    default:
+      return powf(a, p);
   }
 }
 
@@ -28,9 +31,12 @@ FO_HOST_DEVICE double norm_combine(double acc, double x, NormKind kind) {
 // From the combined partials to the norm itself.
 FO_HOST_DEVICE double norm_finish(double acc, NormKind kind, double p) {
   switch (kind) {
-    case NormKind::kTwo: return sqrt(acc);
-    case NormKind::kInf: return acc;
-    default: return pow(acc, 1.0 / p);
+    case NormKind::kTwo:
+      return sqrt(acc);
+    case NormKind::kInf:
+      return acc;
+    default:
+      return pow(acc, 1.0 / p);
   }
 }
 
