@@ -1,29 +1,52 @@
 # One-command entry points. Each sets up .venv from scratch if needed (torch, build deps, the
 # package with its compiled extension), then does its job.
 #   make test    lint, compile every CUDA source with nvcc (when nvcc exists), run the tests
-#   make bench   the benchmark: fused_optim against torch.optim (CSV under bench/results/)
-# TORCH_SPEC picks the torch build (default: the CPU-tested 2.13.0). PYTHON picks the interpreter.
+#   make bench   the benchmark: fused_optim against torch.optim (CSV + PNG under bench/results/)
+# TORCH_SPEC picks the torch build (default: the CPU-tested 2.13.0) and takes effect on an existing
+# .venv too: the spec is recorded in .venv/.torch-spec, and a different one reinstalls torch and
+# rebuilds the extension (scripts/venv_torch.sh). PYTHON picks the interpreter for a new .venv.
+# BENCH_ARGS passes options to bench/bench_adam.py, e.g. BENCH_ARGS="--cases 2000x1000".
 
 PYTHON ?= python3
 TORCH_SPEC ?= torch==2.13.0
+BENCH_ARGS ?=
+# Pinned so that `make lint` means the same everywhere; matplotlib draws the bench chart.
+RUFF_VERSION := 0.17.6
+CLANG_FORMAT_VERSION := 23.1.5
+MATPLOTLIB_VERSION := 3.11.2
+TOOLS := setuptools wheel ninja pytest numpy triton ruff==$(RUFF_VERSION) \
+	clang-format==$(CLANG_FORMAT_VERSION) matplotlib==$(MATPLOTLIB_VERSION)
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.fused_optim-built
-SOURCES := $(shell find csrc fused_optim triton_kernels -type f \( -name '*.py' -o -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' \)) setup.py pyproject.toml
+TORCH_RECORD := $(VENV)/.torch-spec
+TOOLS_RECORD := $(VENV)/.tools
+SOURCES := $(shell find csrc fused_optim triton_kernels -type f \( -name '*.py' -o -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' \) ! -name _build_info.py) setup.py pyproject.toml
 
-.PHONY: setup test lint cuda-check pytest bench clean
+.PHONY: setup test lint cuda-check pytest bench clean FORCE
 
-setup: $(STAMP)
+setup: $(STAMP) $(TOOLS_RECORD)
 
-$(VENV)/bin/python:
+$(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# torch first and pinned, so nothing below can pull another (multi-GB CUDA) build
-	$(PY) -m pip install -q $(TORCH_SPEC)
-	$(PY) -m pip install -q setuptools wheel ninja pytest numpy ruff triton clang-format==23.1.5
 
-$(STAMP): $(VENV)/bin/python $(SOURCES)
+# torch first and pinned, so nothing installed after it can pull another (multi-GB CUDA) build.
+# Runs every time; rewrites the record (and so triggers the rebuild) only when TORCH_SPEC changed.
+$(TORCH_RECORD): $(PY) FORCE
+	@bash scripts/venv_torch.sh $(PY) '$(TORCH_SPEC)' $@ $(STAMP)
+
+$(TOOLS_RECORD): FORCE | $(TORCH_RECORD)
+	@if [ "$$(cat $@ 2>/dev/null)" != "$(TOOLS)" ]; then \
+		echo "tools: installing $(TOOLS)"; \
+		$(PY) -m pip install -q $(TOOLS) && echo "$(TOOLS)" >$@; \
+	fi
+
+$(STAMP): $(TORCH_RECORD) $(SOURCES) | $(TOOLS_RECORD)
 	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	@$(PY) -c "import runpy; b = runpy.run_path('fused_optim/_build_info.py'); \
+		print('fused_optim: built CPU' + (' + CUDA kernels for ' + b['CUDA_ARCHS'] if b['WITH_CUDA'] else ' kernels'), \
+		'against torch', b['TORCH_VERSION'])"
 	touch $(STAMP)
 
 lint: setup
@@ -44,8 +67,17 @@ pytest: setup
 
 test: lint cuda-check pytest
 
+# The CSV is named after the device the bench runs on (cuda if torch sees a GPU); the chart next to
+# it. Fails if either step fails.
 bench: setup
-	$(PY) bench/bench_adam.py
+	@$(PY) -c "import matplotlib" 2>/dev/null || { echo "make bench: matplotlib is not importable in $(VENV) (needed for the chart)" >&2; exit 1; }
+	@dev=$$($(PY) -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')") && \
+	csv=bench/results/bench_adam_$$dev.csv && \
+	echo "$(PY) bench/bench_adam.py --csv $$csv $(BENCH_ARGS)" && \
+	$(PY) bench/bench_adam.py --csv $$csv $(BENCH_ARGS) && \
+	$(PY) bench/plot.py $$csv
 
 clean:
-	rm -rf $(VENV) build *.egg-info fused_optim/*.so
+	rm -rf $(VENV) build *.egg-info fused_optim/*.so fused_optim/_build_info.py
+
+FORCE:

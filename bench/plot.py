@@ -1,12 +1,49 @@
 """Bar chart of a bench_adam.py CSV: speedup vs torch fused, per case and candidate.
 
 python bench/plot.py [bench/results/bench_adam_cpu.csv] [--out chart.png]
+
+Each bar is median(torch fused) / median(candidate); its whisker spans the candidate's p10-p90 step
+time (median(torch fused) / p90 .. / p10). Exits non-zero, saying why, when it cannot draw: no
+matplotlib, a missing or unreadable CSV, or no rows with a speedup in it.
 """
 
 import argparse
 import csv
+import math
 import sys
 from pathlib import Path
+
+NEEDED = ("case", "candidate", "median_ms", "p10_ms", "p90_ms", "speedup_vs_torch_fused")
+
+
+def fail(msg: str) -> int:
+    print(f"plot.py: {msg}", file=sys.stderr)
+    return 1
+
+
+def read_rows(path: Path) -> list[dict]:
+    """The CSV's rows that have a speedup; raises ValueError with the reason when it has none."""
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in NEEDED if c not in (reader.fieldnames or [])]
+        if missing:
+            cols = ", ".join(missing)
+            raise ValueError(f"{path} is empty or not a bench_adam.py CSV (no column(s) {cols})")
+        rows = [r for r in reader if r["speedup_vs_torch_fused"]]
+    if not rows:
+        raise ValueError(f"no rows with a speedup in {path}")
+    return rows
+
+
+def speedup_ticks(lo: float, hi: float) -> list[float]:
+    """Powers of two covering [lo, hi], at most ~8 of them: 0.5, 1, 2, 4, ... (or 1, 4, 16, ...)."""
+    a, b = math.floor(math.log2(lo)), math.ceil(math.log2(hi))
+    step = max(1, math.ceil((b - a + 1) / 8))
+    return [2.0**e for e in range(a - (a % step), b + 1, step)]
+
+
+def tick_label(y: float, _pos=None) -> str:
+    return f"{y:g}×" if y >= 1 else f"{y:.3g}×"
 
 
 def main(argv=None) -> int:
@@ -20,40 +57,75 @@ def main(argv=None) -> int:
 
         matplotlib.use("Agg")  # no display needed
         import matplotlib.pyplot as plt
-    except ImportError:
-        print("plot.py: matplotlib is not installed (pip install matplotlib); no chart written.")
-        return 0
+        from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
+    except ImportError as exc:
+        return fail(f"matplotlib is not installed ({exc}); `pip install matplotlib`; no chart written")
 
-    with open(args.csv, newline="") as f:
-        rows = [r for r in csv.DictReader(f) if r["speedup_vs_torch_fused"]]
-    if not rows:
-        sys.exit(f"plot.py: no rows with a speedup in {args.csv}")
+    try:
+        rows = read_rows(args.csv)
+    except FileNotFoundError:
+        return fail(f"no CSV at {args.csv} (run bench/bench_adam.py first); no chart written")
+    except (OSError, csv.Error, ValueError) as exc:
+        return fail(f"{exc}; no chart written")
+
     cases = list(dict.fromkeys(r["case"] for r in rows))  # order of appearance
     cands = list(dict.fromkeys(r["candidate"] for r in rows))
-    speedup = {(r["case"], r["candidate"]): float(r["speedup_vs_torch_fused"]) for r in rows}
+    try:
+        stat = {
+            (r["case"], r["candidate"]): tuple(
+                float(r[k]) for k in ("speedup_vs_torch_fused", "median_ms", "p10_ms", "p90_ms")
+            )
+            for r in rows
+        }
+    except ValueError as exc:
+        return fail(f"{args.csv}: a non-numeric speedup or time ({exc}); no chart written")
+    color = {c: f"C{i % 10}" for i, c in enumerate(cands)}
 
     width = 0.8 / len(cands)
     fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(cases) * len(cands) / 3), 4.5))
-    for i, cand in enumerate(cands):
-        xs = [
-            ci + (i - (len(cands) - 1) / 2) * width
-            for ci, case in enumerate(cases)
-            if (case, cand) in speedup
-        ]
-        ys = [speedup[case, cand] for case in cases if (case, cand) in speedup]
-        bars = ax.bar(xs, ys, width, label=cand)
-        ax.bar_label(bars, fmt="%.2f", fontsize=7, rotation=90, padding=2)
+    labelled, lo, hi = set(), 1.0, 1.0
+    for ci, case in enumerate(cases):
+        present = [c for c in cands if (case, c) in stat]  # centre the bars this case has
+        for i, cand in enumerate(present):
+            s, med, p10, p90 = stat[case, cand]
+            # The speedup the candidate's p90 / p10 step time gives against the same reference median.
+            s_lo, s_hi = (s * med / p90, s * med / p10) if p10 > 0 and p90 > 0 else (s, s)
+            x = ci + (i - (len(present) - 1) / 2) * width
+            ax.bar(
+                x,
+                s,
+                width,
+                color=color[cand],
+                label=None if cand in labelled else cand,
+                yerr=[[max(s - s_lo, 0.0)], [max(s_hi - s, 0.0)]],
+                error_kw=dict(elinewidth=0.8, capsize=2, ecolor="black"),
+            )
+            labelled.add(cand)
+            top = max(s, s_hi)  # the value above the whisker, not under it
+            ax.text(x, top * 1.06, f"{s:.2f}×", ha="center", va="bottom", fontsize=7, rotation=90)
+            lo, hi = min(lo, s, s_lo), max(hi, s, s_hi)
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.set_yscale("log")  # speedups span orders of magnitude (for-loop vs fused)
-    ax.margins(y=0.15)  # room for the bar labels
+    ax.yaxis.set_major_locator(FixedLocator(speedup_ticks(lo, hi)))
+    ax.yaxis.set_major_formatter(FuncFormatter(tick_label))  # 1×, 2×, 4×, not 10^0
+    ax.yaxis.set_minor_locator(NullLocator())
+    ax.set_ylim(lo / 1.3, hi * 2.2)  # room for the bar labels
     ax.set_xticks(range(len(cases)), cases)
     ax.set_ylabel("speedup vs torch fused (higher is faster)")
     r0 = rows[0]
-    ax.set_title(f"AdamW step, {r0['dtype']}, {r0['device_name']}, torch {r0['torch_version']}")
+    ax.set_title(
+        f"AdamW step, {r0.get('dtype', '?')}, {r0.get('device_name', '?')}, "
+        f"torch {r0.get('torch_version', '?')}"
+        "\nwhiskers: each candidate's p10–p90 step time",
+        fontsize=10,
+    )
     ax.legend(fontsize=8)
     fig.tight_layout()
     out = args.out or args.csv.with_suffix(".png")
-    fig.savefig(out, dpi=120)
+    try:
+        fig.savefig(out, dpi=120)
+    except OSError as exc:
+        return fail(f"cannot write {out}: {exc}")
     print(f"wrote {out}")
     return 0
 

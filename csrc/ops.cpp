@@ -5,6 +5,7 @@
 #include <Python.h>
 
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
 #include <torch/custom_class.h>
 #include <torch/library.h>
 
@@ -382,6 +383,8 @@ class AdamGroup : public torch::CustomClassHolder {
 // ---- Global norm, clip coefficient, scaling ------------------------------------------------
 
 NormKind norm_kind(double norm_type) {
+  // 0, negative and -inf norm types (torch accepts them) are computed with torch ops by
+  // fused_optim.clip_grad_norm_; the kernels take positive ones and inf.
   TORCH_CHECK_VALUE(norm_type > 0.0, "fused_optim: norm_type must be positive or inf, got ",
                     norm_type);
   if (norm_type == 2.0) return NormKind::kTwo;
@@ -389,15 +392,24 @@ NormKind norm_kind(double norm_type) {
   return NormKind::kP;
 }
 
-// Groups the tensors by dtype, keeping order within a dtype, with dense views of each.
+// The tensors grouped by dtype, keeping order within a dtype, as flat records. A tensor that is
+// not dense in memory goes through a dense working copy, copied back by write_back() when the
+// call writes it.
 struct FlatGroups {
   std::vector<DType> dtypes;
   std::vector<std::vector<FlatTensor>> records;
   std::vector<std::vector<int64_t>> numels;
+  std::vector<at::Tensor> keep_alive;                         // working copies
+  std::vector<std::pair<at::Tensor, at::Tensor>> copy_backs;  // (tensor, its working copy)
+
+  // On CUDA the copies are queued on the current stream, after the kernels.
+  void write_back() {
+    for (auto& [dst, src] : copy_backs) dst.copy_(src);
+  }
 };
 
 FlatGroups flat_groups(at::TensorList tensors, const at::Device& device, const char* what,
-                       std::vector<at::Tensor>& keep_alive, bool writable) {
+                       bool writable) {
   FlatGroups g;
   for (size_t i = 0; i < tensors.size(); ++i) {
     const at::Tensor& t = tensors[i];
@@ -406,10 +418,9 @@ FlatGroups flat_groups(at::TensorList tensors, const at::Device& device, const c
     const DType dt = to_dtype(t, what);
     at::Tensor dense = t;
     if (!t.is_non_overlapping_and_dense()) {
-      TORCH_CHECK(!writable, "fused_optim: ", what, "[", i,
-                  "] is not dense in memory; it cannot be scaled in place");
       dense = t.contiguous();
-      keep_alive.push_back(dense);
+      g.keep_alive.push_back(dense);
+      if (writable) g.copy_backs.emplace_back(t, dense);
     }
     size_t k = 0;
     while (k < g.dtypes.size() && g.dtypes[k] != dt) ++k;
@@ -424,6 +435,53 @@ FlatGroups flat_groups(at::TensorList tensors, const at::Device& device, const c
   return g;
 }
 
+// scale_ writes all its tensors at once (a parallel loop, one grid): two tensors over the same
+// memory would be scaled concurrently, a race with a nondeterministic result, where torch
+// multiplies such memory once per occurrence, one after the other (clip_grad_norm_ splits
+// repeated grads into rounds, one call each). So a call whose tensors share memory is refused:
+// the byte spans are sorted and neighbours compared, O(n log n). The spans of tensors that are
+// not dense in memory may overlap without sharing an element (interleaved views); they are
+// refused too, as what cannot be proven apart.
+void check_no_overlap(at::TensorList tensors, const char* what) {
+  struct Span {
+    uintptr_t begin, end;
+    size_t index;
+  };
+  std::vector<Span> spans;
+  spans.reserve(tensors.size());
+  bool sorted = true;
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    const at::Tensor& t = tensors[i];
+    if (t.numel() == 0) continue;
+    int64_t extent = t.numel();  // elements from the first to one past the last
+    if (!t.is_non_overlapping_and_dense()) {
+      TORCH_CHECK(at::has_internal_overlap(t) != at::MemOverlap::Yes, "fused_optim: ", what, "[", i,
+                  "] has elements that share memory (an expanded tensor?); it cannot be scaled "
+                  "in place");
+      extent = 1;
+      for (int64_t d = 0; d < t.dim(); ++d) extent += (t.size(d) - 1) * t.stride(d);
+    }
+    const auto begin = reinterpret_cast<uintptr_t>(t.data_ptr());
+    const uintptr_t end = begin + static_cast<uintptr_t>(extent) * t.element_size();
+    sorted = sorted && (spans.empty() || spans.back().begin <= begin);
+    spans.push_back({begin, end, i});
+  }
+  if (!sorted) {
+    std::sort(spans.begin(), spans.end(),
+              [](const Span& a, const Span& b) { return a.begin < b.begin; });
+  }
+  size_t reach = 0;  // the span reaching furthest so far
+  for (size_t k = 1; k < spans.size(); ++k) {
+    const Span &a = spans[reach], &b = spans[k];
+    TORCH_CHECK(b.begin >= a.end, "fused_optim: ", what, "[", std::min(a.index, b.index), "] and ",
+                what, "[", std::max(a.index, b.index),
+                "] overlap in memory (the same tensor twice, or views of one tensor); one scale_ "
+                "call scales its tensors in parallel, so pass memory shared by several tensors "
+                "in separate calls");
+    if (b.end > a.end) reach = k;
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor> global_norm(at::TensorList tensors, double norm_type,
                                                double max_norm,
                                                const std::optional<at::Tensor>& grad_scale) {
@@ -431,8 +489,7 @@ std::tuple<at::Tensor, at::Tensor> global_norm(at::TensorList tensors, double no
   const at::Device device = tensors[0].device();
   check_scalar_tensor(grad_scale, device, "grad_scale");
   const NormKind kind = norm_kind(norm_type);
-  std::vector<at::Tensor> keep_alive;
-  const FlatGroups g = flat_groups(tensors, device, "tensors", keep_alive, false);
+  const FlatGroups g = flat_groups(tensors, device, "tensors", false);
 
   std::vector<std::vector<WorkItem>> items;
   int64_t n_partials = 0;
@@ -488,8 +545,8 @@ void scale_(at::TensorList tensors, const at::Tensor& coef) {
   if (tensors.empty()) return;
   const at::Device device = tensors[0].device();
   check_scalar_tensor(coef, device, "coef");
-  std::vector<at::Tensor> keep_alive;
-  const FlatGroups g = flat_groups(tensors, device, "tensors", keep_alive, true);
+  FlatGroups g = flat_groups(tensors, device, "tensors", true);
+  check_no_overlap(tensors, "tensors");  // before anything is written
   for (size_t k = 0; k < g.dtypes.size(); ++k) {
     ScaleArgs a;
     a.dtype = g.dtypes[k];
@@ -505,6 +562,7 @@ void scale_(at::TensorList tensors, const at::Tensor& coef) {
 #endif
         });
   }
+  g.write_back();
 }
 
 }  // namespace

@@ -13,7 +13,6 @@ backend="auto" picks cuda > triton > reference on GPU and cpu > reference on CPU
 backend (argument or FUSED_OPTIM_BACKEND) that cannot run raises an error saying what is missing.
 """
 
-import functools
 import importlib.util
 import os
 from types import SimpleNamespace
@@ -30,6 +29,10 @@ ENV_VAR = "FUSED_OPTIM_BACKEND"
 def _split_lr(lr, device: torch.device) -> tuple[float, torch.Tensor | None]:
     """(lr as a float, lr as a tensor on `device` or None) for the native ops."""
     if not isinstance(lr, torch.Tensor):
+        if torch.compiler.is_compiling():
+            # A float lr is a graph input there; as a float argument of the op it would be
+            # specialised on (one recompile per lr value), as a tensor it is not.
+            return 0.0, torch.scalar_tensor(lr, dtype=torch.float64, device=device)
         return float(lr), None
     if lr.device != device:
         if lr.device.type != "cpu":
@@ -87,6 +90,12 @@ def _triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+# What this process can run, read once: selection then only reads module constants and the
+# environment, which torch.compile traces without a graph break.
+_HAS_KERNELS = {key: _ext.has_kernels(key) for key in ("CPU", "CUDA")}
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
 def unavailable_reason(name: str, device_type: str) -> str | None:
     """None when `name` can run on `device_type` tensors, else why not (one sentence)."""
     if name == "reference":
@@ -94,20 +103,20 @@ def unavailable_reason(name: str, device_type: str) -> str | None:
     if name == "cpu":
         if device_type != "cpu":
             return f"the cpu backend runs on CPU tensors, these are on {device_type}"
-        if not _ext.has_kernels("CPU"):
+        if not _HAS_KERNELS["CPU"]:
             return f"the native extension fused_optim._C is not built ({_ext.load_error}); {_ext.BUILD_HINT}"
         return None
     if name == "cuda":
         if device_type != "cuda":
             return f"the cuda backend runs on CUDA tensors, these are on {device_type}"
-        if not _ext.has_kernels("CUDA"):
+        if not _HAS_KERNELS["CUDA"]:
             return (
                 "fused_optim._C was built without CUDA kernels; rebuild with a CUDA toolkit and a "
                 f"CUDA-enabled torch ({_ext.BUILD_HINT})"
             )
         return None
     if name == "triton":
-        if importlib.util.find_spec("triton") is None:
+        if not _HAS_TRITON:
             return "triton is not installed (pip install triton)"
         if device_type == "cuda" or (device_type == "cpu" and _triton_interpreted()):
             return None
@@ -118,17 +127,20 @@ def unavailable_reason(name: str, device_type: str) -> str | None:
     return f"unknown backend {name!r}; choose one of {', '.join(('auto',) + BACKENDS)}"
 
 
-@functools.cache
+_LOADED = {}  # backend name -> its module-like object, filled on first use
+
+
 def _load(name: str):
-    if name in ("cpu", "cuda"):
-        return _native()
-    if name == "triton":
-        from fused_optim import triton_kernels
-
-        return triton_kernels
-    from fused_optim import _reference
-
-    return _reference
+    backend = _LOADED.get(name)
+    if backend is None:
+        if name in ("cpu", "cuda"):
+            backend = _native()
+        elif name == "triton":
+            from fused_optim import triton_kernels as backend
+        else:
+            from fused_optim import _reference as backend
+        _LOADED[name] = backend
+    return backend
 
 
 def check_name(name: str) -> str:
@@ -169,3 +181,16 @@ def available_backends(device: str | torch.device = "cpu") -> list[str]:
     """Backends that can run on tensors of `device`, in auto-selection order."""
     dev = torch.device(device)
     return [b for b in BACKENDS if unavailable_reason(b, dev.type) is None]
+
+
+def for_tracing():
+    """The backend for FakeTensor / meta params (tracing, memory estimation): the registered ops,
+    whose fake implementations only check shapes, when the extension is loaded; else the
+    reference, which reads no tensor values of such params."""
+    return _load("cpu" if _ext.load_error is None else "reference")
+
+
+# Loaded up front, so torch.compile only ever reads _LOADED (triton stays lazy: it is heavy).
+_load("cpu")
+_LOADED["cuda"] = _LOADED["cpu"]
+_load("reference")

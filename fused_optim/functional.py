@@ -40,7 +40,28 @@ def adam(
     clip_coef: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> None:
-    """Adam (decoupled=False, L2 decay) or AdamW (decoupled=True), as torch.optim."""
+    r"""One fused Adam (``decoupled=False``, L2 decay) or AdamW (``decoupled=True``) step over
+    lists of tensors, in place: the math of :class:`fused_optim.Adam`.
+
+    Args:
+        params, grads, exp_avgs, exp_avg_sqs (list of Tensor): one entry per param; params and
+            grads share a dtype, states share a dtype (that of the params, or float32), all on
+            one device.
+        max_exp_avg_sqs (list of Tensor): the running maxima with ``amsgrad``, else ``[]``.
+        state_steps (list of Tensor): one-element float32 tensors on the params' device,
+            incremented by the call.
+        lr (float or Tensor): learning rate; a tensor is read on the device.
+        beta1, beta2, eps, weight_decay (float): as :class:`fused_optim.Adam`.
+        decoupled, amsgrad, maximize (bool): AdamW decay, AMSGrad, maximize.
+        grad_scale, found_inf (Tensor, optional): torch's GradScaler protocol: grads are
+            divided by ``grad_scale``; nothing changes when ``found_inf`` is non-zero.
+        clip_coef (Tensor, optional): multiplies every grad (e.g. from :func:`global_norm`).
+        backend (str): ``"auto"``, ``"cuda"``, ``"triton"``, ``"cpu"`` or ``"reference"``.
+
+    Example:
+        >>> norm, coef = functional.global_norm(grads, max_norm=1.0)
+        >>> functional.adam(params, grads, ms, vs, [], steps, lr=1e-3, decoupled=True, clip_coef=coef)
+    """
     if not params:
         return
     _backend(backend, params).adam(
@@ -70,8 +91,12 @@ def adax(
     clip_coef: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> None:
-    """AdaX (decoupled=False) or AdaXW (decoupled=True). exp_avg_sqs hold the normalised
-    second moment v-hat = v / ((1 + beta2)^t - 1), not the authors' raw v."""
+    r"""One fused AdaX (``decoupled=False``) or AdaXW (``decoupled=True``) step over lists of
+    tensors, in place: the math of :class:`fused_optim.AdaX`. ``exp_avg_sqs`` hold the
+    normalised second moment ``v_hat = v / ((1 + beta2)^t - 1)``, not the authors' raw ``v``.
+    The arguments are those of :func:`adam` (no amsgrad); ``beta2`` is AdaX's growth
+    increment.
+    """
     if not params:
         return
     _backend(backend, params).adam(
@@ -89,6 +114,19 @@ def global_norm(
     grad_scale: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(total_norm, clip_coef) over all tensors of one device, as float32 0-d tensors on it,
-    with clip_coef = min(1, max_norm / (total_norm + 1e-6)). No host sync."""
+    r"""The joint norm of ``tensors`` (all on one device) and the clip coefficient for it,
+    without a host sync.
+
+    Args:
+        tensors (list of Tensor): float32/float16/bfloat16 (float64 runs on the reference).
+        norm_type (float): the p of the p-norm, or ``inf`` (default: 2).
+        max_norm (float): the norm to clip to (default: inf, no clipping).
+        grad_scale (Tensor, optional): the norm of ``tensors / grad_scale`` is returned
+            (GradScaler-scaled grads).
+        backend (str): ``"auto"``, ``"cuda"``, ``"triton"``, ``"cpu"`` or ``"reference"``.
+
+    Returns:
+        (total_norm, clip_coef): 0-d float32 tensors on the device, with
+        ``clip_coef = min(1, max_norm / (total_norm + 1e-6))`` as torch computes it.
+    """
     return _backend(backend, tensors).global_norm(tensors, norm_type, max_norm, grad_scale)

@@ -49,7 +49,7 @@ def test_invalid_param_group_is_rejected_and_not_added():
 
 
 @pytest.mark.parametrize(
-    "kwargs,match", [(dict(max_norm=-1.0), "max_norm"), (dict(norm_type=0.0), "norm_type")]
+    "kwargs,match", [(dict(max_norm=torch.ones(2)), "max_norm"), (dict(norm_type=float("nan")), "norm_type")]
 )
 def test_clip_rejects_bad_arguments(kwargs, match):
     p = _p(3)

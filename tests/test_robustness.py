@@ -133,17 +133,6 @@ def test_swap_tensors_load_state_dict_matches_torch(backend, device):
         torch.__future__.set_swap_module_params_on_conversion(False)
 
 
-def test_duplicate_params_in_one_call_are_refused():
-    if "cpu" not in fused_optim.available_backends("cpu"):
-        pytest.skip("fused_optim._C is not built")
-    p = torch.nn.Parameter(torch.zeros(3))
-    p.grad = torch.ones(3)
-    with pytest.warns(UserWarning, match="duplicate"):
-        opt = fused_optim.Adam([p, p], lr=0.1, backend="cpu")
-    with pytest.raises(RuntimeError, match="appears twice"):
-        opt.step()
-
-
 @pytest.mark.parametrize("backend,device", backend_device_params())
 def test_working_copies_keep_each_tensors_dtype(backend, device):
     """bf16 params laid out unlike their fp32 states go through working copies: each copy must

@@ -19,6 +19,7 @@ NORM_P = tl.constexpr(2)  # sum of |x|^p, then ^(1/p)
 NORM_ONE = tl.constexpr(3)  # sum of |x|, exact (not via exp/log)
 
 _FINAL_BLOCK = 1024  # partials reduced per iteration of the finalize kernel
+_FLT_MAX = tl.constexpr(3.4028234663852886e38)  # torch.finfo(torch.float32).max
 
 
 @triton.jit
@@ -125,7 +126,19 @@ def _norm_finalize_kernel(
         offs = start + arange
         partial = tl.load(partials_ptr + offs, mask=offs < n_partials, other=0.0)
         acc = _combine(acc, partial.to(tl.float64), NORM)
-    total = _reduce(acc, NORM)
+    total = _reduce(acc, NORM)  # the sum of the contributions (their max for the inf-norm)
+    # torch's overflow (math/clip.h norm_total): torch accumulates fp32/fp16/bf16 in fp32, so a
+    # sum beyond FLT_MAX is +inf there; checked on the sum of the unscaled tensors.
+    unscaled = total
+    if HAS_GRAD_SCALE:
+        scale = tl.load(grad_scale_ptr).to(tl.float64)
+        if NORM == NORM_TWO:
+            unscaled = total / (scale * scale)
+        elif NORM == NORM_P:
+            unscaled = total / tl.exp2(f64(p_bits) * tl.log2(scale))
+        else:
+            unscaled = total / scale
+    overflow = unscaled > _FLT_MAX
     if NORM == NORM_TWO:
         total = tl.sqrt(total)
     elif NORM == NORM_P:
@@ -133,9 +146,13 @@ def _norm_finalize_kernel(
         total = tl.where(zero, 0.0, tl.exp2(tl.log2(tl.where(zero, 1.0, total)) / f64(p_bits)))
     if HAS_GRAD_SCALE:
         total = total / tl.load(grad_scale_ptr).to(tl.float64)
-    coef = f64(max_norm_bits) / (total + 1e-6)
+    if NORM != NORM_INF:
+        total = tl.where(overflow, float("inf"), total)
+    total = total.to(tl.float32)
+    # coef from the norm as reported (an fp32 norm of inf gives 0, as in torch)
+    coef = f64(max_norm_bits) / (total.to(tl.float64) + 1e-6)
     coef = tl.where(coef > 1.0, 1.0, coef)
-    tl.store(total_ptr, total.to(tl.float32))
+    tl.store(total_ptr, total)
     tl.store(coef_ptr, coef.to(tl.float32))
 
 
@@ -185,11 +202,12 @@ class _Group:
 
 
 class _Groups:
-    __slots__ = ("groups", "n_items")
+    __slots__ = ("groups", "n_items", "overlap")
 
-    def __init__(self, groups, n_items):
+    def __init__(self, groups, n_items, overlap):
         self.groups = groups
         self.n_items = n_items
+        self.overlap = overlap  # None, or (i, j): tensors i and j share memory
 
 
 _CACHE = _plan.PlanCache()
@@ -215,7 +233,47 @@ def _build_groups(tensors, index_lists, device):
         plan = _plan.build([([tensors[i] for i in idx], True)], device)
         groups.append(_Group(plan, idx[plan.bases[0]], item_base))
         item_base += plan.n_items
-    return _Groups(groups, item_base)
+    return _Groups(groups, item_base, _first_overlap(tensors))
+
+
+def _first_overlap(tensors):
+    """(i, j) for two tensors whose memory overlaps, else None: their byte spans sorted and
+    neighbours compared, O(n log n), once per plan. The spans of tensors not dense in memory may
+    overlap without sharing an element (interleaved views); counted as overlapping, as what
+    cannot be proven apart. Like the C++ check_no_overlap (csrc/ops.cpp)."""
+    spans = []
+    for i, t in enumerate(tensors):
+        if t.numel() == 0:
+            continue
+        extent = 1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride(), strict=True))
+        begin = t.data_ptr()
+        spans.append((begin, begin + extent * t.element_size(), i))
+    spans.sort()
+    reach_end, reach = -1, -1
+    for begin, end, i in spans:
+        if begin < reach_end:
+            return (min(i, reach), max(i, reach))
+        if end > reach_end:
+            reach_end, reach = end, i
+    return None
+
+
+def _check_no_overlap(overlap) -> None:
+    """scale_ writes all its tensors in one launch: two tensors over the same memory would be
+    scaled concurrently (a race), where torch multiplies such memory once per occurrence, one
+    after the other (clip_grad_norm_ splits repeated grads into rounds, one call each)."""
+    if overlap is not None:
+        i, j = overlap
+        raise RuntimeError(
+            f"fused_optim: tensors[{i}] and tensors[{j}] overlap in memory (the same tensor twice, or "
+            "views of one tensor); one scale_ call scales its tensors in parallel, so pass memory "
+            "shared by several tensors in separate calls"
+        )
+
+
+def _has_internal_overlap(t) -> bool:
+    """A tensor with a stride-0 dimension of size > 1 (expanded): elements share memory."""
+    return any(st == 0 and n > 1 for n, st in zip(t.shape, t.stride(), strict=True))
 
 
 def _lookup(tensors):
@@ -306,15 +364,23 @@ def scale_(tensors, coef: torch.Tensor) -> None:
     _plan.check_scalar(coef, device, "coef")
     write_back = []
     if entry is _NEEDS_COPIES:  # rare: scale dense working copies, then copy back
+        _check_no_overlap(_first_overlap(tensors))
         work = []
-        for t in tensors:
+        for i, t in enumerate(tensors):
             if _plan.is_dense(t):
                 work.append(t)
             else:
+                if _has_internal_overlap(t):
+                    raise RuntimeError(
+                        f"fused_optim: tensors[{i}] has elements that share memory (an expanded "
+                        "tensor?); it cannot be scaled in place"
+                    )
                 work.append(t.contiguous())
                 write_back.append((t, work[-1]))
         tensors = work
         entry = _groups(tensors, device)
+    else:
+        _check_no_overlap(entry.overlap)
     with _plan.device_guard(device):
         for g in entry.groups:
             _plan._launch(

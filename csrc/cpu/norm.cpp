@@ -79,14 +79,16 @@ void norm_partials_cpu(const NormPartialsArgs& a) {
 void norm_finalize_cpu(const NormFinalizeArgs& a) {
   double acc = 0.0;
   for (int64_t i = 0; i < a.n_partials; ++i) acc = norm_combine(acc, a.partials[i], a.kind);
-  double norm = norm_finish(acc, a.kind, a.p);
-  if (a.grad_scale != nullptr) norm /= static_cast<double>(*a.grad_scale);
-  *a.total_norm = static_cast<float>(norm);
+  const double scale = a.grad_scale != nullptr ? static_cast<double>(*a.grad_scale) : 1.0;
+  const auto norm = static_cast<float>(norm_total(acc, a.kind, a.p, scale));
+  *a.total_norm = norm;
   if (a.clip_coef != nullptr) *a.clip_coef = clip_coefficient(norm, a.max_norm);
 }
 
 void scale_cpu(const ScaleArgs& a) {
   const float coef = *a.coef;
+  // x * 1 == x: the common no-clip case costs a read of coef instead of a pass over the data.
+  if (coef == 1.0f) return;
   dispatch_dtype(a.dtype, [&](auto tag) {
     using T = decltype(tag);
     const auto scale = pick_isa(chunk_scale_base<T>, chunk_scale_avx2<T>, chunk_scale_avx512<T>);

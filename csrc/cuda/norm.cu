@@ -67,10 +67,10 @@ __global__ void __launch_bounds__(kFinalizeThreads) norm_finalize_kernel(NormFin
   acc = cuda::block_reduce<kFinalizeThreads>(
       acc, [kind](double a, double b) { return norm_combine(a, b, kind); });
   if (threadIdx.x == 0) {
-    double norm = norm_finish(acc, kind, args.p);
     // The norm of the unscaled gradients: grads / grad_scale.
-    if (args.grad_scale != nullptr) norm = norm / static_cast<double>(*args.grad_scale);
-    if (args.total_norm != nullptr) *args.total_norm = static_cast<float>(norm);
+    const double scale = args.grad_scale != nullptr ? static_cast<double>(*args.grad_scale) : 1.0;
+    const auto norm = static_cast<float>(norm_total(acc, kind, args.p, scale));
+    if (args.total_norm != nullptr) *args.total_norm = norm;
     if (args.clip_coef != nullptr) *args.clip_coef = clip_coefficient(norm, args.max_norm);
   }
 }

@@ -3,14 +3,27 @@
 import math
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 
 def _math_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-def _scalar(x) -> float:
-    return float(x.item()) if isinstance(x, torch.Tensor) else float(x)
+def has_values(t: torch.Tensor) -> bool:
+    """False for meta and FakeTensor tensors (tracing, memory estimation): they have a shape but
+    no values, so their steps compute shapes only. Under torch.compile tensors stand for real
+    ones (dynamo traces them as fakes, but what it traces runs on real tensors)."""
+    if torch.compiler.is_compiling():
+        return True
+    return t.device.type != "meta" and not is_fake(t)
+
+
+def _scalar(x, placeholder: float = 1.0) -> float:
+    """x as a float; a tensor without values gives `placeholder` (only shapes matter then)."""
+    if not isinstance(x, torch.Tensor):
+        return float(x)
+    return float(x.item()) if has_values(x) else placeholder
 
 
 def adam(
@@ -36,7 +49,7 @@ def adam(
 ) -> None:
     """One step over lists of tensors, in place. With adax=True, exp_avg_sq holds AdaX's
     normalised second moment v-hat and beta2 is AdaX's growth increment."""
-    if found_inf is not None and _scalar(found_inf) != 0.0:
+    if found_inf is not None and _scalar(found_inf, placeholder=0.0) != 0.0:
         return  # GradScaler saw an inf/NaN: params and state stay untouched
     lr = _scalar(lr)
     for i, param in enumerate(params):

@@ -3,23 +3,62 @@ global-norm clipping folded into the update, the GradScaler fused protocol, vali
 
 import math
 import operator
+import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 
 import torch
 
 from fused_optim import _backends
+from fused_optim._reference.adam import has_values
+
+
+def _is_at_least_zero(name: str, value, what: str) -> None:
+    """torch.optim's acceptance rule `0.0 <= value`: Python and numpy numbers, and one-element
+    tensors of any real dtype; NaN and negative values are refused. inf is accepted."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"Tensor {name} must be 1-element, got {value.numel()} elements")
+        if value.is_complex():
+            raise ValueError(f"Invalid {what}: a complex tensor {name} is not supported")
+        if not has_values(value):
+            return  # a meta / fake tensor (tracing): nothing to read
+    try:
+        ok = bool(0.0 <= value)
+    except (TypeError, RuntimeError):
+        raise ValueError(f"Invalid {what}: {name} must be a real number >= 0, got {value!r}") from None
+    if not ok:
+        raise ValueError(f"Invalid {what}: {value!r} ({name} must be >= 0)")
 
 
 def check_lr(lr) -> None:
-    if isinstance(lr, torch.Tensor):
-        if lr.numel() != 1:
-            raise ValueError(f"lr as a tensor must have one element, got {lr.numel()}")
-        if not lr.is_floating_point():
-            raise ValueError(f"lr as a tensor must be floating point, got {lr.dtype}")
-        return
-    if not isinstance(lr, (int, float)) or math.isnan(lr) or lr < 0.0:
-        raise ValueError(f"Invalid learning rate: lr must be a number >= 0, got {lr!r}")
+    _is_at_least_zero("lr", lr, "learning rate")
+
+
+def check_nonnegative(name: str, value, what: str) -> None:
+    _is_at_least_zero(name, value, what)
+
+
+def check_betas(betas, beta2_high: float = 1.0) -> None:
+    """torch.optim.Adam's rules: each beta in [0, high), one-element if a tensor, and both Python
+    floats or both tensors (so integer betas are refused, as torch refuses them)."""
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"Invalid betas: must be a pair (beta1, beta2), got {betas!r}")
+    for i, (beta, high) in enumerate(zip(betas, (1.0, beta2_high), strict=True)):
+        if isinstance(beta, torch.Tensor) and beta.numel() != 1:
+            raise ValueError(f"Tensor betas[{i}] must be 1-element")
+        try:
+            ok = bool(0.0 <= beta < high)
+        except (TypeError, RuntimeError):
+            ok = False
+        if not ok:
+            raise ValueError(
+                f"Invalid beta parameter at index {i} (beta{i + 1}): {beta!r}, must be in [0, {high})"
+            )
+    both_floats = all(isinstance(b, float) for b in betas)
+    both_tensors = all(isinstance(b, torch.Tensor) for b in betas)
+    if not (both_floats or both_tensors):
+        raise ValueError(f"betas must be either both floats or both Tensors, got {betas!r}")
 
 
 def check_range(name: str, value, low: float, high: float, *, high_open: bool = True) -> None:
@@ -30,11 +69,11 @@ def check_range(name: str, value, low: float, high: float, *, high_open: bool = 
         raise ValueError(f"Invalid {name}: must be in [{low}, {high}{bracket}, got {value!r}")
 
 
-def check_betas(betas, beta2_high: float = 1.0) -> None:
-    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-        raise ValueError(f"Invalid betas: must be a pair (beta1, beta2), got {betas!r}")
-    check_range("beta parameter at index 0 (beta1)", betas[0], 0.0, 1.0)
-    check_range("beta parameter at index 1 (beta2)", betas[1], 0.0, beta2_high)
+def _as_float(value):
+    """A tensor hyper-parameter read once, as a Python float (no host read per step)."""
+    if isinstance(value, torch.Tensor) and has_values(value):
+        return float(value)
+    return value
 
 
 @dataclass
@@ -46,20 +85,62 @@ class Bucket:
     index: list[int]  # positions in the group's params that have grads
     params: list[torch.Tensor]
     states: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    traced: bool = False  # meta / FakeTensor params: shapes only, through the ops' fake impls
     backend: object = None  # the backend `run` was made for
     run: object = None  # run(grads, **hyper, grad_scale=, found_inf=, clip_coef=): one fused call
 
 
-class _CountedState(defaultdict):
-    """The optimizer's state mapping, counting its own changes, so a step can tell in O(1)
-    whether any param's state dict was added, replaced or deleted since the grouping was
-    built (looking each one up costs ~0.1 us per param through Tensor.__hash__)."""
+class _ParamState(dict):
+    """One param's state dict. Every change to it is counted on the optimizer's state mapping,
+    so a step notices in O(1) that a state tensor was replaced, a key deleted or the dict
+    cleared (in-place changes to the tensors themselves need no notice: the kernels use them)."""
 
-    def __init__(self, *args):
-        super().__init__(dict, *args)
+    __slots__ = ("_owner",)
+
+    def __init__(self, owner, *args):
+        super().__init__(*args)
+        self._owner = owner
+
+    def _changed(name):  # noqa: N805  (wraps the mutating methods)
+        def method(self, *args, **kwargs):
+            self._owner.changes += 1
+            return getattr(dict, name)(self, *args, **kwargs)
+
+        method.__name__ = name
+        return method
+
+    __setitem__ = _changed("__setitem__")
+    __delitem__ = _changed("__delitem__")
+    pop = _changed("pop")
+    popitem = _changed("popitem")
+    clear = _changed("clear")
+    update = _changed("update")
+    setdefault = _changed("setdefault")
+    __ior__ = _changed("__ior__")
+    del _changed
+
+    def __reduce__(self):  # pickles (torch.save, deepcopy) as the plain dict torch.optim uses
+        return (dict, (dict(self),))
+
+
+class _CountedState(defaultdict):
+    """The optimizer's state mapping (param -> its state dict), as torch.optim's defaultdict(dict)
+    but counting every change to itself and to the per-param dicts in `changes`, so a step can
+    tell in O(1) whether the grouping it cached is still right."""
+
+    def __init__(self, mapping=()):
+        super().__init__(self._new_param_state)
         self.changes = 0
+        for key, value in dict(mapping).items():
+            self[key] = value
+
+    def _new_param_state(self):
+        return _ParamState(self)
 
     def __setitem__(self, key, value):  # also reached by defaultdict's insertion of a missing key
+        if type(value) is not _ParamState or value._owner is not self:
+            # A plain dict assigned by the user (or loaded): keep its contents, count its changes.
+            value = _ParamState(self, value)
         self.changes += 1
         super().__setitem__(key, value)
 
@@ -77,13 +158,23 @@ class _CountedState(defaultdict):
     pop = _changed("pop")
     popitem = _changed("popitem")
     clear = _changed("clear")
-    update = _changed("update")
-    setdefault = _changed("setdefault")
-    __ior__ = _changed("__ior__")
     del _changed
 
+    def setdefault(self, key, default=None):
+        if key not in self:
+            self[key] = {} if default is None else default
+        return self[key]
+
+    def update(self, *args, **kwargs):
+        for key, value in dict(*args, **kwargs).items():
+            self[key] = value
+
+    def __ior__(self, other):
+        self.update(other)
+        return self
+
     def __reduce__(self):  # pickles as the plain defaultdict(dict) torch.optim uses
-        return (defaultdict, (dict, dict(self)))
+        return (defaultdict, (dict, {k: dict(v) for k, v in self.items()}))
 
 
 @dataclass
@@ -101,17 +192,96 @@ class _GroupCache:
 
 
 _HANDLE = operator.attrgetter("_cdata")
+_STATE_LIST_NAME = {  # the names the kernels give to their tensor lists, for error messages
+    "params": "",
+    "grads": "the grad of ",
+    "exp_avgs": 'state["exp_avg"] of ',
+    "exp_avg_sqs": 'state["exp_avg_sq"] of ',
+    "max_exp_avg_sqs": 'state["max_exp_avg_sq"] of ',
+    "state_steps": 'state["step"] of ',
+}
+_LIST_INDEX = re.compile(r"\b(" + "|".join(_STATE_LIST_NAME) + r")\[(\d+)\]")
 
 
 def _same_objects(a: list, b: list) -> bool:
     return len(a) == len(b) and all(map(operator.is_, a, b))
 
 
+def _is_dense(t: torch.Tensor) -> bool:
+    """Non-overlapping and dense: some permutation of t's dims is contiguous."""
+    expected = 1
+    for stride, size in sorted((st, n) for n, st in zip(t.shape, t.stride(), strict=True) if n != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _storage_span(t: torch.Tensor):
+    """(storage key, first byte, end byte) of the memory t can touch, or None if unknown/empty."""
+    if t.numel() == 0 or not has_values(t):
+        return None
+    try:
+        key = t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):
+        return None
+    first = t.storage_offset()
+    last = first + sum((n - 1) * st for n, st in zip(t.shape, t.stride(), strict=True))
+    size = t.element_size()
+    return key, first * size, (last + 1) * size
+
+
+def _elements_overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Exact test for two views of one storage whose spans overlap: does an element sit in both?"""
+    if _is_dense(a) and _is_dense(b):
+        return True  # a dense view covers its whole span
+    if a.element_size() != b.element_size():
+        return True  # different element grids over one buffer: treat as overlapping
+
+    def offsets(t):
+        idx = torch.zeros((), dtype=torch.int64)
+        for n, st in zip(t.shape, t.stride(), strict=True):
+            idx = idx.unsqueeze(-1) + torch.arange(n, dtype=torch.int64) * st
+        return (idx + t.storage_offset()).flatten()
+
+    return bool(torch.isin(offsets(a), offsets(b)).any())
+
+
+def check_distinct_params(new_params: list, old_params: list) -> None:
+    """The fused kernels update all params of a step at once, so one memory location must
+    belong to one param. Refuses (ValueError) a Parameter listed twice and params that are
+    overlapping views of one buffer; disjoint views of one buffer (a flat buffer split into
+    params) are fine."""
+    seen = set()
+    for i, p in enumerate(new_params):
+        if id(p) in seen:
+            raise ValueError(
+                f"fused_optim: params[{i}] appears more than once in this param group; pass each "
+                "parameter once (torch.optim warns and applies it twice; the fused kernels update "
+                "all params at once, so a repeated one is refused)"
+            )
+        seen.add(id(p))
+    spans = []
+    for where, params in (("new", new_params), ("old", old_params)):
+        for i, p in enumerate(params):
+            span = _storage_span(p)
+            if span is not None:
+                spans.append((*span, where, i, p))
+    spans.sort(key=lambda s: s[:2])
+    for a, b in zip(spans, spans[1:], strict=False):
+        if a[0] == b[0] and b[1] < a[2] and "new" in (a[3], b[3]) and _elements_overlap(a[5], b[5]):
+            raise ValueError(
+                "fused_optim: two params share memory (overlapping views of one buffer); the fused "
+                "kernels update all params at once, so each element must belong to one param"
+            )
+
+
 class FusedOptimizer(torch.optim.Optimizer):
-    """Base class. Subclasses implement _state_keys(group) (tensor states besides "step"; the
-    first one's dtype is the bucket's state dtype), _new_state(param, key), _hyper(group) (the
-    keyword arguments of one call) and _make_run(backend, bucket, group) (a function running one
-    fused call on the bucket's tensors with the given grads)."""
+    # Base class. Subclasses implement _state_keys(group) (tensor states besides "step"; the
+    # first one's dtype is the bucket's state dtype), _new_state(param, key), _hyper(group) (the
+    # keyword arguments of one call) and _make_run(backend, bucket, group, op_only) (a function
+    # running one fused call on the bucket's tensors with the given grads; op_only: through the
+    # registered op over lists, as tracing needs).
 
     _step_supports_amp_scaling = True  # torch.amp.GradScaler hands us grad_scale / found_inf
 
@@ -126,24 +296,52 @@ class FusedOptimizer(torch.optim.Optimizer):
         self._buckets: dict[int, _GroupCache] = {}
         super().__init__(params, defaults)
 
+    # The state mapping is always a _CountedState: torch.optim assigns a defaultdict(dict) in
+    # __init__ and load_state_dict, users may assign their own; each is wrapped once, so an
+    # `s = opt.state` taken at any point stays the optimizer's state until it is reassigned.
+    @property
+    def state(self):
+        s = self.__dict__["state"]
+        if type(s) is not _CountedState:
+            s = self.__dict__["state"] = _CountedState(s)
+        return s
+
+    @state.setter
+    def state(self, value):
+        self.__dict__["state"] = value if type(value) is _CountedState else _CountedState(value)
+
     # ---- torch.optim.Optimizer hooks ------------------------------------------------------
 
     def add_param_group(self, param_group):
+        if isinstance(param_group, dict):
+            params = param_group.get("params")
+            if isinstance(params, torch.Tensor):
+                params = [params]
+            elif params is not None and not isinstance(params, (set, list)):
+                params = list(params)  # a generator: read it once, here
+            if isinstance(params, list):
+                param_group = {**param_group, "params": params}
+                check_distinct_params(params, [])
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         try:
+            for p in group["params"]:
+                if p.is_complex():
+                    raise TypeError("fused_optim: complex params are not supported; use torch.view_as_real")
             self._validate_group(group)
+            self._read_hyper_tensors(group)
+            old = [p for g in self.param_groups[:-1] for p in g["params"]]
+            check_distinct_params(group["params"], old)
+            self._check_backends(group["params"])
         except Exception:
             self.param_groups.pop()
             raise
-        for p in group["params"]:
-            if p.is_complex():
-                self.param_groups.pop()
-                raise TypeError("fused_optim: complex params are not supported; use torch.view_as_real")
         self._buckets.clear()
 
     def load_state_dict(self, state_dict):
         super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            self._read_hyper_tensors(group)
         self._buckets.clear()
 
     # torch.optim.Optimizer pickles only defaults, state and param_groups: keep our settings
@@ -165,56 +363,108 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _validate_group(self, group) -> None:  # overridden by subclasses
         pass
 
+    def _read_hyper_tensors(self, group) -> None:
+        """Hyper-parameters given as tensors, read once so no step reads them from the device:
+        betas, eps and weight_decay become floats; a tensor lr stays a tensor (the kernels read
+        it on the device, so it may change in place) but in float32 unless it is float64."""
+        for key in ("eps", "weight_decay"):
+            if key in group:
+                group[key] = _as_float(group[key])
+        if "betas" in group:
+            group["betas"] = tuple(_as_float(b) for b in group["betas"])
+        lr = group.get("lr")
+        if isinstance(lr, torch.Tensor) and lr.dtype not in (torch.float32, torch.float64):
+            group["lr"] = lr.to(torch.float32)
+
+    def _check_backends(self, params) -> None:
+        """An explicit backend (or FUSED_OPTIM_BACKEND) that cannot run on these params fails
+        here, before any state exists."""
+        for device, dtype in {(p.device, p.dtype) for p in params}:
+            if device.type != "meta":
+                _backends.resolve(self.backend, device, dtype)
+
+    @property
+    def backends(self) -> dict[torch.device, str]:
+        """The backend that runs each device's params, e.g. {device("cuda", 0): "cuda"}. Where
+        params of one device use different backends by dtype (float64 always runs on the
+        reference), the value names each: "cpu (torch.float32); reference (torch.float64)"."""
+        by_device: dict = {}
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.device.type == "meta":
+                    name = "traced"
+                else:
+                    name = _backends.resolve(self.backend, p.device, p.dtype)
+                by_device.setdefault(p.device, {}).setdefault(name, set()).add(p.dtype)
+        return {
+            d: next(iter(names)) if len(names) == 1
+            else "; ".join(f"{n} ({', '.join(sorted(map(str, dts)))})" for n, dts in names.items())
+            for d, names in by_device.items()
+        }  # fmt: skip
+
     # ---- grouping ---------------------------------------------------------------------------
 
     def _buckets_for(self, gi: int, group, grads) -> list[Bucket]:
         """Buckets of group `gi` for this set of present grads. Rebuilt when anything they were
-        built from changed: the group, its params, which have grads, the state mapping or a
-        param's state dict (replaced or deleted), a param's tensor (swap_tensors). Assigning a
-        new tensor into an existing state dict (state[p]["exp_avg"] = t) is not noticed."""
+        built from changed: the group, its params, which have grads, the state mapping or any
+        param's state dict (an entry replaced, deleted or cleared), a param's tensor
+        (swap_tensors)."""
         params = group["params"]
         present = tuple(g is not None for g in grads)
         keys = self._state_keys(group)
-        if type(self.state) is not _CountedState:  # e.g. the user assigned opt.state = {...}
-            self.state = _CountedState(self.state)
+        state = self.state
         c = self._buckets.get(gi)
         if (
             c is not None
             and c.group is group
-            and c.state is self.state
-            and c.changes == self.state.changes
+            and c.state is state
+            and c.changes == state.changes
             and c.present == present
             and c.state_keys == keys
             and _same_objects(c.params, params)
             and c.handles == list(map(_HANDLE, params))
         ):
             return c.buckets
+        buckets = self._build_buckets(group, grads, keys)
+        self._buckets[gi] = _GroupCache(
+            group, state, state.changes, list(params), present, keys, list(map(_HANDLE, params)), buckets
+        )
+        return buckets
+
+    def _build_buckets(self, group, grads, keys) -> list[Bucket]:
+        """Groups the params that have grads by (device, dtype, state dtype), creating missing
+        state and fixing up state that the kernels cannot use as it is, once."""
         by_kind: dict[tuple, Bucket] = {}
-        for i, (p, g) in enumerate(zip(params, grads, strict=True)):
+        for i, (p, g) in enumerate(zip(group["params"], grads, strict=True)):
             if g is None:
                 continue
             if g.is_sparse:
                 raise RuntimeError("fused_optim: sparse gradients are not supported (use a dense embedding)")
-            state = self.state[p]
+            state = self.state.get(p)
+            if state is None:
+                self.state[p] = {}
+                state = self.state[p]
             for k in keys:  # new params, or a state_dict that lacked a key (e.g. amsgrad turned on)
-                if k not in state:
+                t = state.get(k)
+                if t is None:
                     state[k] = self._new_state(p, k)
+                elif t.shape == p.shape and t.stride() != p.stride() and _is_dense(p):
+                    # Loaded in another layout (a contiguous checkpoint into a channels_last
+                    # model): re-laid out like the param once, not copied around every step.
+                    state[k] = torch.empty_like(p, dtype=t.dtype).copy_(t)
             # Kernels read and advance `step` on the params' device, as float32.
             step = state.get("step", 0.0)
             if not torch.is_tensor(step) or step.dtype != torch.float32 or step.device != p.device:
-                state["step"] = torch.as_tensor(float(step), dtype=torch.float32).to(p.device)
+                state["step"] = torch.as_tensor(_as_float(step), dtype=torch.float32).to(p.device)
             kind = (p.device, p.dtype, state[keys[0]].dtype)
-            b = by_kind.setdefault(kind, Bucket(p.device, p.dtype, [], []))
+            b = by_kind.get(kind)
+            if b is None:
+                b = by_kind[kind] = Bucket(p.device, p.dtype, [], [], traced=not has_values(p))
             b.index.append(i)
             b.params.append(p)
             for k in keys + ("step",):
                 b.states.setdefault(k, []).append(state[k])
-        buckets = list(by_kind.values())
-        self._buckets[gi] = _GroupCache(
-            group, self.state, self.state.changes, list(params), present, keys,
-            list(map(_HANDLE, params)), buckets,
-        )  # fmt: skip
-        return buckets
+        return list(by_kind.values())
 
     @staticmethod
     def _grads_of(bucket: Bucket, grads, n_params: int):
@@ -222,55 +472,75 @@ class FusedOptimizer(torch.optim.Optimizer):
             return grads
         return [grads[i] for i in bucket.index]
 
+    def _backend_of(self, bucket: Bucket):
+        if bucket.traced:
+            return _backends.for_tracing()
+        return _backends.get(self.backend, bucket.device, bucket.dtype)
+
     # ---- the step -------------------------------------------------------------------------
 
     @torch.no_grad()
     def step(self, closure=None):
+        """Performs a single optimization step.
+
+        Args:
+            closure (Callable, optional): a closure that reevaluates the model and returns the
+                loss.
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
+        compiling = torch.compiler.is_compiling()
 
-        work = []  # (group, bucket, grads)
+        work = []  # (group index, group, bucket, grads)
         for gi, group in enumerate(self.param_groups):
             grads = [p.grad for p in group["params"]]
-            for bucket in self._buckets_for(gi, group, grads):
-                work.append((group, bucket, self._grads_of(bucket, grads, len(grads))))
+            if compiling:  # traced once per compiled graph: no cache to check
+                buckets = self._build_buckets(group, grads, self._state_keys(group))
+            else:
+                buckets = self._buckets_for(gi, group, grads)
+            for bucket in buckets:
+                work.append((gi, group, bucket, self._grads_of(bucket, grads, len(grads))))
         if not work:
             return loss
 
         coefs = self._clip_coefficients(work, grad_scale) if self.max_grad_norm is not None else {}
-        compiling = torch.compiler.is_compiling()
-        for group, bucket, grads in work:
-            backend = _backends.get(self.backend, bucket.device, bucket.dtype)
+        for gi, group, bucket, grads in work:
+            backend = self._backend_of(bucket)
             if bucket.backend is not backend or compiling:
-                bucket.backend, bucket.run = backend, self._make_run(backend, bucket, group, compiling)
-            bucket.run(
-                grads,
-                **self._hyper(group),
-                grad_scale=_on(grad_scale, bucket.device),
-                found_inf=_on(found_inf, bucket.device),
-                clip_coef=coefs.get(bucket.device),
-            )
+                op_only = compiling or bucket.traced
+                bucket.backend, bucket.run = backend, self._make_run(backend, bucket, group, op_only)
+            try:
+                bucket.run(
+                    grads,
+                    **self._hyper(group),
+                    grad_scale=_on(grad_scale, bucket.device),
+                    found_inf=_on(found_inf, bucket.device),
+                    clip_coef=coefs.get(bucket.device),
+                )
+            except (RuntimeError, TypeError, ValueError) as exc:
+                mapped = _in_group_terms(exc, gi, bucket.index)
+                if mapped is exc:
+                    raise
+                raise mapped from exc
         return loss
 
     def _clip_coefficients(self, work, grad_scale) -> dict:
         """Global norm over every gradient of the step; one clip coefficient per device."""
         by_device = defaultdict(list)
-        odd_dtype = {}  # a dtype the kernels do not take, per device (auto then uses the reference)
-        for _, bucket, grads in work:
+        backend = {}  # per device; a dtype the kernels do not take sends auto to the reference
+        for _, _, bucket, grads in work:
             if len(work) == 1:  # the common case: no list copy
                 by_device[bucket.device] = grads
             else:
                 by_device[bucket.device].extend(grads)
-            if bucket.dtype not in _backends.KERNEL_DTYPES:
-                odd_dtype[bucket.device] = bucket.dtype
+            if bucket.device not in backend or bucket.dtype not in _backends.KERNEL_DTYPES:
+                backend[bucket.device] = self._backend_of(bucket)
         results = {
-            d: _backends.get(self.backend, d, odd_dtype.get(d)).global_norm(
-                gs, 2.0, self.max_grad_norm, _on(grad_scale, d)
-            )
+            d: backend[d].global_norm(gs, 2.0, self.max_grad_norm, _on(grad_scale, d))
             for d, gs in by_device.items()
         }
         if len(results) == 1:
@@ -282,6 +552,21 @@ class FusedOptimizer(torch.optim.Optimizer):
         coef = torch.clamp(self.max_grad_norm / (norm + 1e-6), max=1.0)
         self.last_grad_norm = norm
         return {d: coef.to(d) for d in results}
+
+
+def _in_group_terms(exc: Exception, gi: int, index: list[int]) -> Exception:
+    """The kernels name tensors by their position in one call (params[3]); say which param of
+    the user's param group that is, e.g. param_groups[0]["params"][7]."""
+    if type(exc) not in (RuntimeError, TypeError, ValueError):
+        return exc
+
+    def name(m: re.Match) -> str:
+        k = int(m.group(2))
+        where = f'param_groups[{gi}]["params"][{index[k]}]' if k < len(index) else m.group(0)
+        return _STATE_LIST_NAME[m.group(1)] + where
+
+    message = _LIST_INDEX.sub(name, str(exc))
+    return exc if message == str(exc) else type(exc)(message)
 
 
 def _on(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:

@@ -1,19 +1,56 @@
-"""AdaX and AdaXW (Li et al., arXiv 2004.09740), with the authors' defaults.
-
-beta2 is a growth increment, not a decay: the authors' raw second moment grows like
-(1 + beta2)^t and overflows fp32 after ~0.9M steps. fused_optim keeps the normalised
-v-hat = v / ((1 + beta2)^t - 1) in state["exp_avg_sq"] instead (same update, no overflow), so
-checkpoints hold v-hat, not the authors' v. There is no bias correction on the first moment.
-"""
+"""AdaX and AdaXW (Li et al., arXiv 2004.09740), with the authors' defaults, fused."""
 
 import torch
 
-from fused_optim.optim._base import check_betas, check_lr, check_range
+from fused_optim.optim._base import check_betas, check_lr, check_nonnegative
+from fused_optim.optim._docs import FUSED_ARGS, FUSED_ATTRIBUTES, FUSED_NOTES
 from fused_optim.optim.adam import AdamFamily
 
 
 class AdaX(AdamFamily):
-    """AdaX with L2 (coupled) weight decay; decoupled_weight_decay=True gives AdaXW."""
+    __doc__ = rf"""Implements AdaX (L2 weight decay; ``decoupled_weight_decay=True`` gives AdaXW), fused.
+
+    AdaX (Li et al., "AdaX: Adaptive Gradient Descent with Exponential Long Term Memory",
+    arXiv 2004.09740) with the authors' defaults. For each param, with :math:`t` the step
+    (counted from 1):
+
+    .. code-block:: text
+
+        g  = -grad if maximize else grad          (unscaled, clipped: see max_grad_norm)
+        g  = g + weight_decay * theta             (decoupled: theta = theta * (1 - lr * weight_decay))
+        m  = beta1 * m + (1 - beta1) * g          (no bias correction on m)
+        bc = (1 + beta2)^t - 1
+        v_hat = v_hat + (beta2 / bc) * (g^2 - v_hat)
+        theta = theta - lr * m / (sqrt(v_hat) + eps / sqrt(bc))
+
+    ``beta2`` is a growth increment, not a decay: the authors' raw second moment
+    ``v = (1 + beta2) * v + beta2 * g^2`` grows like (1 + beta2)^t and overflows float32 after
+    ~0.9M steps. The same update is computed from the normalised ``v_hat = v / bc``, which
+    never overflows; ``state["exp_avg_sq"]`` (and so checkpoints) holds ``v_hat``, not the
+    authors' ``v``.
+
+    Args:
+        params (iterable): params to optimize, or dicts defining param groups.
+        lr (float or Tensor, optional): learning rate (default: 1.5e-3).
+        betas (Tuple[float, float], optional): beta1, the first-moment decay in [0, 1), and
+            beta2, the second moment's growth increment, > 0 (default: (0.9, 1e-4)).
+        eps (float, optional): added to the denominator (default: 1e-12).
+        weight_decay (float, optional): weight decay (default: 5e-4).
+        decoupled_weight_decay (bool, optional): decoupled decay, as AdaXW (default: False).
+        maximize (bool, optional): maximize the objective instead of minimizing
+            (default: False).
+{FUSED_ARGS}
+
+{FUSED_ATTRIBUTES}
+
+    {FUSED_NOTES.strip()}
+
+    Example:
+        >>> opt = fused_optim.AdaX(model.parameters())
+        >>> loss_fn(model(x), y).backward()
+        >>> opt.step()
+        >>> opt.zero_grad()
+    """
 
     ADAX = True
 
@@ -50,12 +87,51 @@ class AdaX(AdamFamily):
         if group["betas"][1] <= 0.0:
             beta2 = group["betas"][1]
             raise ValueError(f"Invalid beta parameter at index 1 (beta2): must be > 0, got {beta2!r}")
-        check_range("epsilon value (eps)", group["eps"], 0.0, float("inf"))
-        check_range("weight_decay value", group["weight_decay"], 0.0, float("inf"))
+        check_nonnegative("eps", group["eps"], "epsilon value")
+        check_nonnegative("weight_decay", group["weight_decay"], "weight_decay value")
 
 
 class AdaXW(AdaX):
-    """AdaX with decoupled weight decay and the authors' AdaXW defaults."""
+    __doc__ = rf"""Implements AdaXW (AdaX with decoupled weight decay), fused, with the authors' defaults.
+
+    For each param, with :math:`t` the step (counted from 1):
+
+    .. code-block:: text
+
+        g  = -grad if maximize else grad          (unscaled, clipped: see max_grad_norm)
+        theta = theta * (1 - lr * weight_decay)
+        m  = beta1 * m + (1 - beta1) * g          (no bias correction on m)
+        bc = (1 + beta2)^t - 1
+        v_hat = v_hat + (beta2 / bc) * (g^2 - v_hat)
+        theta = theta - lr * m / (sqrt(v_hat) + eps / sqrt(bc))
+
+    ``beta2`` is a growth increment, not a decay: the authors' raw second moment
+    ``v = (1 + beta2) * v + beta2 * g^2`` grows like (1 + beta2)^t and overflows float32 after
+    ~0.9M steps. The same update is computed from the normalised ``v_hat = v / bc``, which
+    never overflows; ``state["exp_avg_sq"]`` (and so checkpoints) holds ``v_hat``, not the
+    authors' ``v``.
+
+    Args:
+        params (iterable): params to optimize, or dicts defining param groups.
+        lr (float or Tensor, optional): learning rate (default: 5e-3).
+        betas (Tuple[float, float], optional): beta1, the first-moment decay in [0, 1), and
+            beta2, the second moment's growth increment, > 0 (default: (0.9, 1e-4)).
+        eps (float, optional): added to the denominator (default: 1e-12).
+        weight_decay (float, optional): decoupled weight decay (default: 5e-2).
+        maximize (bool, optional): maximize the objective instead of minimizing
+            (default: False).
+{FUSED_ARGS}
+
+{FUSED_ATTRIBUTES}
+
+    {FUSED_NOTES.strip()}
+
+    Example:
+        >>> opt = fused_optim.AdaXW(model.parameters(), max_grad_norm=1.0)
+        >>> loss_fn(model(x), y).backward()
+        >>> opt.step()
+        >>> opt.zero_grad()
+    """
 
     def __init__(
         self,

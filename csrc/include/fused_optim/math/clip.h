@@ -1,6 +1,7 @@
 // Global-norm clipping math (ALGORITHMS.md section 5), shared by the CPU and CUDA kernels.
 #pragma once
 
+#include <float.h>
 #include <math.h>
 
 #include "fused_optim/macros.h"
@@ -40,9 +41,25 @@ FO_HOST_DEVICE double norm_finish(double acc, NormKind kind, double p) {
   }
 }
 
-// torch.nn.utils.clip_grad_norm_: coef = min(1, max_norm / (norm + 1e-6)). NaN stays NaN.
-FO_HOST_DEVICE float clip_coefficient(double total_norm, double max_norm) {
-  const double coef = max_norm / (total_norm + 1e-6);
+// The total norm of grads / grad_scale from the combined partials of the (fp32, fp16 or bf16)
+// grads, with torch's overflow: torch accumulates these dtypes in fp32, so a sum of squares (of
+// |x|^p) beyond FLT_MAX is +inf there, while the partials here are combined in fp64. The rule
+// is applied to the sum of the unscaled grads, as torch sees them after GradScaler.unscale_.
+// Every backend applies it in its finalize (the Triton one, the reference); fp64 grads (only
+// the reference takes them) are exact in fp64.
+FO_HOST_DEVICE double norm_total(double acc, NormKind kind, double p, double grad_scale) {
+  if (kind != NormKind::kInf) {
+    const double unscaled = grad_scale == 1.0 ? acc : acc / pow(grad_scale, p);
+    if (unscaled > static_cast<double>(FLT_MAX)) return static_cast<double>(INFINITY);
+  }
+  return norm_finish(acc, kind, p) / grad_scale;
+}
+
+// torch.nn.utils.clip_grad_norm_: coef = min(1, max_norm / (norm + 1e-6)), from the norm as
+// reported (rounded to fp32, so an fp32 norm of inf gives 0 as in torch). NaN stays NaN; a
+// negative max_norm gives a negative coefficient, as in torch.
+FO_HOST_DEVICE float clip_coefficient(float total_norm, double max_norm) {
+  const double coef = max_norm / (static_cast<double>(total_norm) + 1e-6);
   return static_cast<float>(coef < 1.0 ? coef : (coef != coef ? coef : 1.0));
 }
 
