@@ -167,6 +167,8 @@ def resolve(requested: str, device: torch.device, dtype: torch.dtype | None = No
                 return name
         return "reference"
     reason = unavailable_reason(requested, device.type)
+    if reason is None and requested != "reference" and dtype is not None and dtype not in KERNEL_DTYPES:
+        reason = f"its kernels take float32, float16 and bfloat16, not {dtype} (use 'auto' or 'reference')"
     if reason is not None:
         raise RuntimeError(f"fused_optim: backend {requested!r} cannot run: {reason}")
     return requested

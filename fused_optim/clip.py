@@ -9,6 +9,7 @@ import torch
 
 from fused_optim import _backends
 from fused_optim._reference import clip as _reference_clip
+from fused_optim._reference.adam import has_values
 
 
 def _validate_norm_type(norm_type) -> float:
@@ -142,6 +143,8 @@ def clip_grad_norm_(
         odd_dtype = next((dt for dt in dts if dt not in _backends.KERNEL_DTYPES), None)
         names[d] = _backends.resolve(backend, d, odd_dtype)
     backends = {d: _backends._load(name) for d, name in names.items()}
+    if not has_values(grads[0]):  # meta / FakeTensor: shapes only, through the fake impls
+        backends = {d: _backends.for_tracing() for d in names}
     first = grads[0].device
 
     coef = None  # the kernels' coefficient, when it is the one to use

@@ -13,9 +13,12 @@ import math
 import torch
 
 from fused_optim import _backends
+from fused_optim._reference.adam import has_values
 
 
 def _backend(name: str, tensors):
+    if not has_values(tensors[0]):  # meta / FakeTensor: shapes only, through the fake impls
+        return _backends.for_tracing()
     return _backends.get(name, tensors[0].device, tensors[0].dtype)
 
 
@@ -94,8 +97,8 @@ def adax(
     r"""One fused AdaX (``decoupled=False``) or AdaXW (``decoupled=True``) step over lists of
     tensors, in place: the math of :class:`fused_optim.AdaX`. ``exp_avg_sqs`` hold the
     normalised second moment ``v_hat = v / ((1 + beta2)^t - 1)``, not the authors' raw ``v``.
-    The arguments are those of :func:`adam` (no amsgrad); ``beta2`` is AdaX's growth
-    increment.
+    The arguments are those of :func:`adam`, ``backend`` included, without amsgrad; ``beta2``
+    is AdaX's growth increment.
     """
     if not params:
         return

@@ -31,6 +31,9 @@ if [[ -f "${record}" ]]; then
     exit 0
   fi
   echo "torch: TORCH_SPEC changed from '${recorded}' to '${spec}': reinstalling torch, then rebuilding fused_optim._C"
+  # Forget the old spec first: if the new one fails to install, the next run must not find the
+  # old record "unchanged" over a venv that has no torch any more.
+  rm -f "${record}" "${stamp}"
   "${py}" -m pip uninstall -y -q torch
   before="replaced"
 else

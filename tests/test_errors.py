@@ -121,7 +121,7 @@ def test_unsupported_dtype_with_an_explicit_native_backend():
     if "cpu" not in fused_optim.available_backends("cpu"):
         pytest.skip("fused_optim._C is not built")
     params = [torch.randn(3, dtype=torch.float64)]
-    with pytest.raises(TypeError, match="float32, float16 and bfloat16"):
+    with pytest.raises(RuntimeError, match="float32, float16 and bfloat16, not torch.float64"):
         _call(params, _lists(params), "cpu")
 
 

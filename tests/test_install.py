@@ -249,6 +249,7 @@ state="$(dirname "$0")/torch-version"
 if [[ "$1" == "-c" ]]; then [[ -f "$state" ]] && cat "$state" && exit 0; exit 1; fi
 echo "$*" >>"$(dirname "$0")/pip.log"
 if [[ "$3" == "uninstall" ]]; then rm -f "$state"; exit 0; fi
+for a in "$@"; do [[ "$a" == "--fail" ]] && exit 1; done
 for a in "$@"; do case "$a" in torch==*) echo "${a#torch==}" >"$state" ;; esac; done
 """
 
@@ -295,6 +296,20 @@ def test_make_torch_spec_takes_effect_on_an_existing_venv(tmp_path):
     assert calls[1] == "-m pip install -q torch==2.13.0+cu128 --index-url https://example.invalid/whl", calls
     assert record.read_text() == "torch==2.13.0+cu128 --index-url https://example.invalid/whl\n"
     assert not stamp.exists() and not list((repo / "fused_optim").glob("_C.*"))
+    # A spec that fails to install after torch was uninstalled: the record is gone, so the next
+    # run with the previous spec reinstalls it instead of calling a venv without torch unchanged.
+    cmd = [
+        "bash",
+        str(repo / "scripts" / "venv_torch.sh"),
+        str(py),
+        "torch==9 --fail",
+        str(record),
+        str(stamp),
+    ]
+    assert subprocess.run(cmd, capture_output=True, text=True, timeout=60).returncode != 0
+    assert not record.exists()
+    out = sync("torch==2.13.0+cu128 --index-url https://example.invalid/whl")
+    assert "unchanged" not in out and (tmp_path / "torch-version").read_text().strip() == "2.13.0+cu128"
 
 
 def test_makefile_pins_the_lint_tools_and_installs_matplotlib():

@@ -1,6 +1,7 @@
 """Shared machinery of the fused optimizer classes: grouping tensors by (device, dtypes) once,
 global-norm clipping folded into the update, the GradScaler fused protocol, validation."""
 
+import bisect
 import math
 import operator
 import re
@@ -69,6 +70,14 @@ def check_range(name: str, value, low: float, high: float, *, high_open: bool = 
         raise ValueError(f"Invalid {name}: must be in [{low}, {high}{bracket}, got {value!r}")
 
 
+def kernel_lr(lr):
+    """lr as the kernels take it: a float, or a float32/float64 tensor (another tensor dtype is
+    converted: once, in the constructor; every step only if one is assigned later)."""
+    if isinstance(lr, torch.Tensor) and lr.dtype not in (torch.float32, torch.float64):
+        return lr.to(torch.float32)
+    return lr
+
+
 def _as_float(value):
     """A tensor hyper-parameter read once, as a Python float (no host read per step)."""
     if isinstance(value, torch.Tensor) and has_values(value):
@@ -123,46 +132,63 @@ class _ParamState(dict):
         return (dict, (dict(self),))
 
 
+def _fingerprint(d) -> tuple:
+    """Which objects a plain state dict holds: changes when an entry is added, removed or
+    replaced (the objects it held stay alive in the cached buckets, so ids are not reused)."""
+    return (id(d), tuple((k, id(v)) for k, v in d.items()) if isinstance(d, dict) else ())
+
+
 class _CountedState(defaultdict):
     """The optimizer's state mapping (param -> its state dict), as torch.optim's defaultdict(dict)
-    but counting every change to itself and to the per-param dicts in `changes`, so a step can
-    tell in O(1) whether the grouping it cached is still right."""
+    but counting every change to itself and to the per-param dicts it made in `changes`, so a
+    step can tell in O(1) whether the grouping it cached is still right. A dict the user assigns
+    (opt.state[p] = d) is kept as it is, as torch keeps it, and compared entry by entry every
+    step instead (`plain_signature`): few params ever have one."""
 
-    def __init__(self, mapping=()):
+    def __init__(self, mapping=(), *, adopt: bool = False):
+        """adopt: the mapping's dicts are ours to replace (torch.optim's load_state_dict just
+        made them), so they become counted dicts; else the user's dicts are kept as they are."""
         super().__init__(self._new_param_state)
         self.changes = 0
+        self._plain = {}  # param -> a dict that is not a _ParamState of this mapping
         for key, value in dict(mapping).items():
-            self[key] = value
+            self[key] = _ParamState(self, value) if adopt and isinstance(value, dict) else value
 
     def _new_param_state(self):
         return _ParamState(self)
 
     def __setitem__(self, key, value):  # also reached by defaultdict's insertion of a missing key
-        if type(value) is not _ParamState or value._owner is not self:
-            # A plain dict assigned by the user (or loaded): keep its contents, count its changes.
-            value = _ParamState(self, value)
         self.changes += 1
+        if type(value) is _ParamState and value._owner is self:
+            self._plain.pop(key, None)
+        else:
+            self._plain[key] = value
         super().__setitem__(key, value)
 
     def __delitem__(self, key):
         self.changes += 1
+        self._plain.pop(key, None)
         super().__delitem__(key)
 
-    def _changed(name):  # noqa: N805  (wraps the other mutating methods)
-        def method(self, *args, **kwargs):
-            self.changes += 1
-            return getattr(defaultdict, name)(self, *args, **kwargs)
+    def pop(self, key, *default):
+        self.changes += 1
+        self._plain.pop(key, None)
+        return super().pop(key, *default)
 
-        return method
+    def popitem(self):
+        self.changes += 1
+        key, value = super().popitem()
+        self._plain.pop(key, None)
+        return key, value
 
-    pop = _changed("pop")
-    popitem = _changed("popitem")
-    clear = _changed("clear")
-    del _changed
+    def clear(self):
+        self.changes += 1
+        self._plain.clear()
+        super().clear()
 
     def setdefault(self, key, default=None):
         if key not in self:
-            self[key] = {} if default is None else default
+            self[key] = self._new_param_state() if default is None else default
         return self[key]
 
     def update(self, *args, **kwargs):
@@ -172,6 +198,9 @@ class _CountedState(defaultdict):
     def __ior__(self, other):
         self.update(other)
         return self
+
+    def plain_signature(self) -> tuple:
+        return tuple(map(_fingerprint, self._plain.values())) if self._plain else ()
 
     def __reduce__(self):  # pickles as the plain defaultdict(dict) torch.optim uses
         return (defaultdict, (dict, {k: dict(v) for k, v in self.items()}))
@@ -184,6 +213,7 @@ class _GroupCache:
     group: dict
     state: object  # the optimizer's state mapping (a _CountedState)
     changes: int  # its change count
+    plain: tuple  # its plain_signature()
     params: list  # group["params"] as it was
     present: tuple  # which params had grads
     state_keys: tuple
@@ -231,49 +261,54 @@ def _storage_span(t: torch.Tensor):
     return key, first * size, (last + 1) * size
 
 
-def _elements_overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Exact test for two views of one storage whose spans overlap: does an element sit in both?"""
-    if _is_dense(a) and _is_dense(b):
-        return True  # a dense view covers its whole span
-    if a.element_size() != b.element_size():
-        return True  # different element grids over one buffer: treat as overlapping
-
-    def offsets(t):
-        idx = torch.zeros((), dtype=torch.int64)
-        for n, st in zip(t.shape, t.stride(), strict=True):
-            idx = idx.unsqueeze(-1) + torch.arange(n, dtype=torch.int64) * st
-        return (idx + t.storage_offset()).flatten()
-
-    return bool(torch.isin(offsets(a), offsets(b)).any())
+def check_no_repeats(params: list) -> None:
+    """A Parameter listed twice in one group: refused (torch warns and applies it twice; the
+    fused kernels update all params at once, so it would race)."""
+    if len(set(map(id, params))) != len(params):
+        seen = set()
+        i = next(i for i, p in enumerate(params) if id(p) in seen or seen.add(id(p)))
+        raise ValueError(
+            f"fused_optim: params[{i}] appears more than once in this param group; pass each "
+            "parameter once (torch.optim warns and applies it twice; the fused kernels update "
+            "all params at once, so a repeated one is refused)"
+        )
 
 
-def check_distinct_params(new_params: list, old_params: list) -> None:
-    """The fused kernels update all params of a step at once, so one memory location must
-    belong to one param. Refuses (ValueError) a Parameter listed twice and params that are
-    overlapping views of one buffer; disjoint views of one buffer (a flat buffer split into
-    params) are fine."""
-    seen = set()
-    for i, p in enumerate(new_params):
-        if id(p) in seen:
-            raise ValueError(
-                f"fused_optim: params[{i}] appears more than once in this param group; pass each "
-                "parameter once (torch.optim warns and applies it twice; the fused kernels update "
-                "all params at once, so a repeated one is refused)"
-            )
-        seen.add(id(p))
-    spans = []
-    for where, params in (("new", new_params), ("old", old_params)):
-        for i, p in enumerate(params):
-            span = _storage_span(p)
+class _MemoryIndex:
+    """The memory spans of an optimizer's dense params, per storage, sorted, to refuse a new
+    param that overlaps one already there in O(log n). Params that are not dense (a column
+    slice of a weight) are left out: the kernels update them through dense working copies
+    written back one after the other, so even overlapping ones cannot race. Entries of params
+    removed since are not dropped: a conflict is confirmed against the current groups first."""
+
+    def __init__(self, params=()):
+        self.spans = defaultdict(list)  # storage key -> sorted [(first byte, end byte)]
+        self.add(params)
+
+    @staticmethod
+    def _spans(params):
+        for p in params:
+            span = _storage_span(p) if _is_dense(p) else None
             if span is not None:
-                spans.append((*span, where, i, p))
-    spans.sort(key=lambda s: s[:2])
-    for a, b in zip(spans, spans[1:], strict=False):
-        if a[0] == b[0] and b[1] < a[2] and "new" in (a[3], b[3]) and _elements_overlap(a[5], b[5]):
-            raise ValueError(
-                "fused_optim: two params share memory (overlapping views of one buffer); the fused "
-                "kernels update all params at once, so each element must belong to one param"
-            )
+                yield span
+
+    def add(self, params) -> None:
+        for key, first, end in self._spans(params):
+            bisect.insort(self.spans[key], (first, end))
+
+    def overlaps(self, params) -> bool:
+        """Whether two of `params`, or one of them and an indexed one, share memory."""
+        new = sorted(self._spans(params))
+        for (k1, _, end1), (k2, first2, _) in zip(new, new[1:], strict=False):
+            if k1 == k2 and first2 < end1:
+                return True
+        for key, first, end in new:
+            spans = self.spans.get(key)
+            if spans:
+                i = bisect.bisect_left(spans, (first, end))
+                if (i > 0 and spans[i - 1][1] > first) or (i < len(spans) and spans[i][0] < end):
+                    return True
+        return False
 
 
 class FusedOptimizer(torch.optim.Optimizer):
@@ -297,13 +332,13 @@ class FusedOptimizer(torch.optim.Optimizer):
         super().__init__(params, defaults)
 
     # The state mapping is always a _CountedState: torch.optim assigns a defaultdict(dict) in
-    # __init__ and load_state_dict, users may assign their own; each is wrapped once, so an
-    # `s = opt.state` taken at any point stays the optimizer's state until it is reassigned.
+    # __init__, load_state_dict and unpickling, users may assign their own; each is wrapped once,
+    # so an `s = opt.state` taken at any point stays the optimizer's state until the next one.
     @property
     def state(self):
         s = self.__dict__["state"]
         if type(s) is not _CountedState:
-            s = self.__dict__["state"] = _CountedState(s)
+            s = self.__dict__["state"] = _CountedState(s, adopt=True)
         return s
 
     @state.setter
@@ -321,7 +356,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                 params = list(params)  # a generator: read it once, here
             if isinstance(params, list):
                 param_group = {**param_group, "params": params}
-                check_distinct_params(params, [])
+                check_no_repeats(params)
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         try:
@@ -330,13 +365,19 @@ class FusedOptimizer(torch.optim.Optimizer):
                     raise TypeError("fused_optim: complex params are not supported; use torch.view_as_real")
             self._validate_group(group)
             self._read_hyper_tensors(group)
-            old = [p for g in self.param_groups[:-1] for p in g["params"]]
-            check_distinct_params(group["params"], old)
+            self._check_memory(group["params"])
             self._check_backends(group["params"])
         except Exception:
             self.param_groups.pop()
             raise
         self._buckets.clear()
+
+    def state_dict(self):
+        # Plain dicts, as torch.optim's: a counted dict would pickle as a reference to the
+        # dict builtin, which torch.load(weights_only=True), the default, refuses.
+        sd = super().state_dict()
+        sd["state"] = {k: dict(v) if isinstance(v, dict) else v for k, v in sd["state"].items()}
+        return sd
 
     def load_state_dict(self, state_dict):
         super().load_state_dict(state_dict)
@@ -372,9 +413,22 @@ class FusedOptimizer(torch.optim.Optimizer):
                 group[key] = _as_float(group[key])
         if "betas" in group:
             group["betas"] = tuple(_as_float(b) for b in group["betas"])
-        lr = group.get("lr")
-        if isinstance(lr, torch.Tensor) and lr.dtype not in (torch.float32, torch.float64):
-            group["lr"] = lr.to(torch.float32)
+        if "lr" in group:
+            group["lr"] = kernel_lr(group["lr"])
+
+    def _check_memory(self, params) -> None:
+        """Refuses params that share memory with each other or with the optimizer's other
+        params (overlapping views of one buffer); disjoint views of one buffer are fine."""
+        index = self.__dict__.get("_memory")
+        if index is None or index.overlaps(params):  # confirm against the groups as they are now
+            others = [p for g in self.param_groups[:-1] for p in g["params"]]
+            index = self._memory = _MemoryIndex(others)
+            if index.overlaps(params):
+                raise ValueError(
+                    "fused_optim: two params share memory (overlapping views of one buffer); the "
+                    "fused kernels update all params at once, so each element must belong to one param"
+                )
+        index.add(params)
 
     def _check_backends(self, params) -> None:
         """An explicit backend (or FUSED_OPTIM_BACKEND) that cannot run on these params fails
@@ -386,8 +440,8 @@ class FusedOptimizer(torch.optim.Optimizer):
     @property
     def backends(self) -> dict[torch.device, str]:
         """The backend that runs each device's params, e.g. {device("cuda", 0): "cuda"}. Where
-        params of one device use different backends by dtype (float64 always runs on the
-        reference), the value names each: "cpu (torch.float32); reference (torch.float64)"."""
+        params of one device use different backends by dtype (under auto, float64 runs on
+        the reference), the value names each: "cpu (torch.float32); reference (torch.float64)"."""
         by_device: dict = {}
         for group in self.param_groups:
             for p in group["params"]:
@@ -419,6 +473,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             and c.group is group
             and c.state is state
             and c.changes == state.changes
+            and c.plain == state.plain_signature()
             and c.present == present
             and c.state_keys == keys
             and _same_objects(c.params, params)
@@ -427,8 +482,9 @@ class FusedOptimizer(torch.optim.Optimizer):
             return c.buckets
         buckets = self._build_buckets(group, grads, keys)
         self._buckets[gi] = _GroupCache(
-            group, state, state.changes, list(params), present, keys, list(map(_HANDLE, params)), buckets
-        )
+            group, state, state.changes, state.plain_signature(), list(params), present, keys,
+            list(map(_HANDLE, params)), buckets,
+        )  # fmt: skip
         return buckets
 
     def _build_buckets(self, group, grads, keys) -> list[Bucket]:
@@ -442,8 +498,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                 raise RuntimeError("fused_optim: sparse gradients are not supported (use a dense embedding)")
             state = self.state.get(p)
             if state is None:
-                self.state[p] = {}
-                state = self.state[p]
+                state = self.state[p] = self.state._new_param_state()
             for k in keys:  # new params, or a state_dict that lacked a key (e.g. amsgrad turned on)
                 t = state.get(k)
                 if t is None:

@@ -8,7 +8,7 @@ FUSED_ARGS = """\
             registers, so ``.grad`` is never rewritten. ``None`` (default) does not clip.
         backend (str, optional): ``"auto"`` (default), ``"cuda"``, ``"triton"``, ``"cpu"`` or
             ``"reference"``. ``auto`` picks cuda > triton > reference for GPU params and
-            cpu > reference for CPU params; float64 params always run on the reference. The
+            cpu > reference for CPU params, and the reference for float64 params. The
             environment variable ``FUSED_OPTIM_BACKEND`` overrides ``auto``. A backend that
             cannot run on the params given raises an error in the constructor."""
 

@@ -3,8 +3,27 @@
 import torch
 
 from fused_optim import _backends
-from fused_optim.optim._base import FusedOptimizer, check_betas, check_lr, check_nonnegative
+from fused_optim.optim._base import FusedOptimizer, check_betas, check_lr, check_nonnegative, kernel_lr
 from fused_optim.optim._docs import FUSED_ARGS, FUSED_ATTRIBUTES, FUSED_NOTES
+
+ADAM_DECAY = """\
+        g  = g + weight_decay * theta             (Adam: L2 decay)
+        theta = theta * (1 - lr * weight_decay)   (AdamW: decoupled decay, instead)"""
+ADAMW_DECAY = "        theta = theta * (1 - lr * weight_decay)"
+
+
+def _update(decay: str) -> str:
+    """The docstrings' update equations, with the weight-decay lines of a flavour."""
+    return f"""\
+    .. code-block:: text
+
+        g  = -grad if maximize else grad          (unscaled, clipped: see max_grad_norm)
+{decay}
+        m  = beta1 * m + (1 - beta1) * g
+        v  = beta2 * v + (1 - beta2) * g^2
+        vmax = max(vmax, v)                       (amsgrad; then vmax replaces v below)
+        theta = theta - lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
+"""
 
 
 class AdamFamily(FusedOptimizer):
@@ -23,7 +42,7 @@ class AdamFamily(FusedOptimizer):
     def _hyper(self, group) -> dict:
         beta1, beta2 = group["betas"]
         return dict(
-            lr=group["lr"], beta1=float(beta1), beta2=float(beta2), eps=float(group["eps"]),
+            lr=kernel_lr(group["lr"]), beta1=float(beta1), beta2=float(beta2), eps=float(group["eps"]),
             weight_decay=float(group["weight_decay"]), decoupled=bool(group["decoupled_weight_decay"]),
             amsgrad=bool(group.get("amsgrad", False)), maximize=bool(group["maximize"]), adax=self.ADAX,
         )  # fmt: skip
@@ -49,16 +68,7 @@ class Adam(AdamFamily):
 
     For each param, with :math:`t` the step (counted from 1) and :math:`g` its gradient:
 
-    .. code-block:: text
-
-        g  = -grad if maximize else grad          (unscaled, clipped: see max_grad_norm)
-        g  = g + weight_decay * theta             (Adam: L2 decay)
-        theta = theta * (1 - lr * weight_decay)   (AdamW: decoupled decay, instead)
-        m  = beta1 * m + (1 - beta1) * g
-        v  = beta2 * v + (1 - beta2) * g^2
-        vmax = max(vmax, v)                       (amsgrad; then vmax replaces v below)
-        theta = theta - lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
-
+{_update(ADAM_DECAY)}
     Args:
         params (iterable): params to optimize, or dicts defining param groups.
         lr (float or Tensor, optional): learning rate (default: 1e-3).
@@ -145,15 +155,7 @@ class AdamW(Adam):
 
     For each param, with :math:`t` the step (counted from 1) and :math:`g` its gradient:
 
-    .. code-block:: text
-
-        g  = -grad if maximize else grad          (unscaled, clipped: see max_grad_norm)
-        theta = theta * (1 - lr * weight_decay)
-        m  = beta1 * m + (1 - beta1) * g
-        v  = beta2 * v + (1 - beta2) * g^2
-        vmax = max(vmax, v)                       (amsgrad; then vmax replaces v below)
-        theta = theta - lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
-
+{_update(ADAMW_DECAY)}
     Args:
         params (iterable): params to optimize, or dicts defining param groups.
         lr (float or Tensor, optional): learning rate (default: 1e-3).

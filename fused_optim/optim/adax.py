@@ -94,37 +94,20 @@ class AdaX(AdamFamily):
 class AdaXW(AdaX):
     __doc__ = rf"""Implements AdaXW (AdaX with decoupled weight decay), fused, with the authors' defaults.
 
-    For each param, with :math:`t` the step (counted from 1):
-
-    .. code-block:: text
-
-        g  = -grad if maximize else grad          (unscaled, clipped: see max_grad_norm)
-        theta = theta * (1 - lr * weight_decay)
-        m  = beta1 * m + (1 - beta1) * g          (no bias correction on m)
-        bc = (1 + beta2)^t - 1
-        v_hat = v_hat + (beta2 / bc) * (g^2 - v_hat)
-        theta = theta - lr * m / (sqrt(v_hat) + eps / sqrt(bc))
-
-    ``beta2`` is a growth increment, not a decay: the authors' raw second moment
-    ``v = (1 + beta2) * v + beta2 * g^2`` grows like (1 + beta2)^t and overflows float32 after
-    ~0.9M steps. The same update is computed from the normalised ``v_hat = v / bc``, which
-    never overflows; ``state["exp_avg_sq"]`` (and so checkpoints) holds ``v_hat``, not the
-    authors' ``v``.
+    The update of :class:`AdaX` with ``decoupled_weight_decay=True``: each step first decays
+    ``theta = theta * (1 - lr * weight_decay)`` instead of adding ``weight_decay * theta`` to
+    the gradient. ``state["exp_avg_sq"]`` holds AdaX's normalised ``v_hat`` (see
+    :class:`AdaX`).
 
     Args:
         params (iterable): params to optimize, or dicts defining param groups.
         lr (float or Tensor, optional): learning rate (default: 5e-3).
-        betas (Tuple[float, float], optional): beta1, the first-moment decay in [0, 1), and
-            beta2, the second moment's growth increment, > 0 (default: (0.9, 1e-4)).
+        betas (Tuple[float, float], optional): as :class:`AdaX` (default: (0.9, 1e-4)).
         eps (float, optional): added to the denominator (default: 1e-12).
         weight_decay (float, optional): decoupled weight decay (default: 5e-2).
         maximize (bool, optional): maximize the objective instead of minimizing
             (default: False).
 {FUSED_ARGS}
-
-{FUSED_ATTRIBUTES}
-
-    {FUSED_NOTES.strip()}
 
     Example:
         >>> opt = fused_optim.AdaXW(model.parameters(), max_grad_norm=1.0)
