@@ -245,6 +245,23 @@ def test_functional_calls_compile_fullgraph_and_match_eager():
             torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+def test_reference_functional_calls_compile_fullgraph():
+    """The reference is what auto uses without the extension: it must trace too."""
+    params, grads = [torch.randn(5)], [torch.randn(5)]
+    state = [[torch.zeros(5)], [torch.zeros(5)], [torch.zeros(())]]
+    twin = [[t.clone() for t in lst] for lst in (params, *state)]
+
+    def run(i, p, m, v, s):
+        functional.adax(p, grads, m, v, s, lr=1e-2, backend="reference")
+        functional.adam(p, grads, m, v, [], s, lr=1e-2, backend="reference")
+        return functional.global_norm(grads, backend="reference")
+
+    assert _compile_count(lambda i: run(i, params, *state), 3) == 1
+    for i in range(3):
+        run(i, *twin)
+    torch.testing.assert_close(params[0], twin[0][0], rtol=1e-6, atol=1e-7)
+
+
 @needs_native
 @pytest.mark.parametrize("tensor_lr", [False, True])
 @pytest.mark.parametrize("max_grad_norm", [None, 1.0])

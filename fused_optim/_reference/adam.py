@@ -77,7 +77,12 @@ def adam(
 
         m = m + (1.0 - beta1) * (g - m)
         if adax:
-            bc = math.expm1(t * math.log1p(beta2))  # (1 + beta2)^t - 1 without overflow
+            if torch.compiler.is_compiling():
+                # t is symbolic there and expm1 cannot be traced; in fp64 the power form is
+                # within ~1e-12 relative of expm1 and overflows only past ~7M steps.
+                bc = (1.0 + beta2) ** t - 1.0
+            else:
+                bc = math.expm1(t * math.log1p(beta2))  # (1 + beta2)^t - 1 without overflow
             w = beta2 / bc  # weight of g^2 in the v-hat average (1 at t = 1)
             # Convex form (Adam with beta2_t = 1 - w): exact at w = 1, unlike v + w (g^2 - v).
             v = (1.0 - w) * v + w * g * g
