@@ -10,12 +10,15 @@
 PYTHON ?= python3
 TORCH_SPEC ?= torch==2.13.0
 BENCH_ARGS ?=
-# Pinned so that `make lint` means the same everywhere; matplotlib draws the bench chart.
+# Pinned so that `make lint` means the same everywhere; matplotlib draws the bench chart;
+# transformers is an outside oracle of the Adafactor reference (tests only).
 RUFF_VERSION := 0.17.6
 CLANG_FORMAT_VERSION := 23.1.5
 MATPLOTLIB_VERSION := 3.11.2
+TRANSFORMERS_VERSION := 5.24.0
 TOOLS := setuptools wheel ninja pytest numpy triton ruff==$(RUFF_VERSION) \
-	clang-format==$(CLANG_FORMAT_VERSION) matplotlib==$(MATPLOTLIB_VERSION)
+	clang-format==$(CLANG_FORMAT_VERSION) matplotlib==$(MATPLOTLIB_VERSION) \
+	transformers==$(TRANSFORMERS_VERSION)
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.fused_optim-built

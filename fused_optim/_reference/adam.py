@@ -26,6 +26,19 @@ def _scalar(x, placeholder: float = 1.0) -> float:
     return float(x.item()) if has_values(x) else placeholder
 
 
+def prepare_grad(grad, md, *, maximize, grad_scale, clip_coef):
+    """The gradient an update sees, in the math dtype: sign, GradScaler unscale, clip."""
+    g = grad.to(md)
+    if maximize:
+        g = -g
+    # One-element scalars (GradScaler's are shape [1]) must not broadcast 0-d tensors up.
+    if grad_scale is not None:
+        g = g / grad_scale.to(md).reshape(())
+    if clip_coef is not None:
+        g = g * clip_coef.to(md).reshape(())
+    return g
+
+
 def adam(
     params,
     grads,
@@ -57,14 +70,7 @@ def adam(
         step_t = state_steps[i]
         t = _scalar(step_t) + 1.0
 
-        g = grads[i].to(md)
-        if maximize:
-            g = -g
-        # One-element scalars (GradScaler's are shape [1]) must not broadcast 0-d tensors up.
-        if grad_scale is not None:
-            g = g / grad_scale.to(md).reshape(())
-        if clip_coef is not None:
-            g = g * clip_coef.to(md).reshape(())
+        g = prepare_grad(grads[i], md, maximize=maximize, grad_scale=grad_scale, clip_coef=clip_coef)
         theta = param.to(md)
         m = exp_avgs[i].to(md)
         v = exp_avg_sqs[i].to(md)
