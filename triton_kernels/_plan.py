@@ -20,6 +20,8 @@ from collections import OrderedDict
 
 import torch
 
+from fused_optim._layout import is_dense
+
 # Tile size of one inner iteration, and tiles per work item. A chunk (= one program) covers
 # CHUNK elements: large enough to amortise the per-program fp64 step scalars and atomics, small
 # enough to spread a 1M-element tensor over ~128 programs.
@@ -47,19 +49,6 @@ def f64_bits(x: float) -> int:
     as fp32; an int64 argument keeps all 64 bits both interpreted and compiled (the kernel
     bitcasts it back), and as a runtime argument it never causes a recompile."""
     return struct.unpack("<q", struct.pack("<d", float(x)))[0]
-
-
-def is_dense(t: torch.Tensor) -> bool:
-    """True when t's elements fill one gap-free block of memory starting at data_ptr() (any
-    dimension order), so the kernels can walk it as flat memory."""
-    if t.numel() == 0:
-        return True
-    expected = 1
-    for stride, size in sorted((st, s) for s, st in zip(t.shape, t.stride(), strict=True) if s != 1):
-        if stride != expected:
-            return False
-        expected *= size
-    return True
 
 
 def same_layout(t: torch.Tensor, ref: torch.Tensor) -> bool:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import torch
 
 from fused_optim import _backends
+from fused_optim._layout import is_dense
 from fused_optim._reference.adam import has_values
 
 
@@ -237,16 +238,6 @@ def _same_objects(a: list, b: list) -> bool:
     return len(a) == len(b) and all(map(operator.is_, a, b))
 
 
-def _is_dense(t: torch.Tensor) -> bool:
-    """Non-overlapping and dense: some permutation of t's dims is contiguous."""
-    expected = 1
-    for stride, size in sorted((st, n) for n, st in zip(t.shape, t.stride(), strict=True) if n != 1):
-        if stride != expected:
-            return False
-        expected *= size
-    return True
-
-
 def _storage_span(t: torch.Tensor):
     """(storage key, first byte, end byte) of the memory t can touch, or None if unknown/empty."""
     if t.numel() == 0 or not has_values(t):
@@ -288,7 +279,7 @@ class _MemoryIndex:
     @staticmethod
     def _spans(params):
         for p in params:
-            span = _storage_span(p) if _is_dense(p) else None
+            span = _storage_span(p) if is_dense(p) else None
             if span is not None:
                 yield span
 
@@ -503,7 +494,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                 t = state.get(k)
                 if t is None:
                     state[k] = self._new_state(p, k)
-                elif t.shape == p.shape and t.stride() != p.stride() and _is_dense(p):
+                elif t.shape == p.shape and t.stride() != p.stride() and is_dense(p):
                     # Loaded in another layout (a contiguous checkpoint into a channels_last
                     # model): re-laid out like the param once, not copied around every step.
                     state[k] = torch.empty_like(p, dtype=t.dtype).copy_(t)
