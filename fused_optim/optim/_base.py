@@ -244,8 +244,8 @@ def _storage_span(t: torch.Tensor):
         return None
     try:
         key = t.untyped_storage().data_ptr()
-    except (RuntimeError, NotImplementedError):
-        return None
+    except (RuntimeError, NotImplementedError):  # a storage with no data (some tensor subclasses)
+        return None  # nothing to compare: such params are not checked for shared memory
     first = t.storage_offset()
     last = first + sum((n - 1) * st for n, st in zip(t.shape, t.stride(), strict=True))
     size = t.element_size()
