@@ -143,7 +143,7 @@ def main() -> None:
                 write_build_info(d, info)
 
     rel = lambda pattern: sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))  # noqa: E731
-    sources = ["csrc/ops.cpp"] + rel("csrc/cpu/*.cpp")
+    sources = rel("csrc/ops/*.cpp") + rel("csrc/cpu/*.cpp")
     # -fno-math-errno lets sqrtf vectorise; -fopenmp because at::parallel_for is an inline
     # OpenMP loop in the ATen headers (it would silently run on one thread without it).
     cxx = ["-O3", "-std=c++17", "-fno-math-errno", "-ffp-contract=off", "-fopenmp"]

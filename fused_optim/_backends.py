@@ -1,8 +1,8 @@
 """Backend registry: which implementation runs an algorithm for tensors on a given device.
 
-Every backend exposes the same three functions (see fused_optim/functional.py for the
-arguments): adam(...), global_norm(tensors, norm_type, max_norm, grad_scale) -> (norm, coef)
-and scale_(tensors, coef).
+Every backend exposes the same functions (see fused_optim/functional.py for the arguments):
+adam(...), adafactor(...), adafactor_transformers(...), global_norm(tensors, norm_type,
+max_norm, grad_scale) -> (norm, coef) and scale_(tensors, coef).
 
   cuda       fused_optim._C built with CUDA; CUDA tensors
   triton     triton installed; CUDA tensors, or CPU tensors under TRITON_INTERPRET=1
@@ -62,6 +62,35 @@ def _native_adam_group(params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_ste
     return step
 
 
+def _native_adafactor(params, grads, row_vars, col_vars, variances, state_steps, *, lr, **kw):
+    """torch.optim.Adafactor's flavour through the one Adafactor op."""
+    lr, lr_tensor = _split_lr(lr, params[0].device)
+    torch.ops.fused_optim.adafactor_(
+        params, grads, row_vars, col_vars, variances, [], [], state_steps, transformers=False,
+        lr=lr, lr_tensor=lr_tensor, eps1=kw["eps1"], eps2=kw["eps2"], decay=kw["beta2_decay"], d=kw["d"],
+        weight_decay=kw["weight_decay"], beta1=None, maximize=kw["maximize"], relative_step=False,
+        scale_parameter=True, warmup_init=False, grad_scale=kw.get("grad_scale"),
+        found_inf=kw.get("found_inf"), clip_coef=kw.get("clip_coef"),
+    )  # fmt: skip
+
+
+def _native_adafactor_transformers(params, grads, rows, cols, sqs, exp_avgs, rmss, state_steps, *, lr, **kw):
+    """transformers' flavour through the one Adafactor op (lr is unused with relative_step)."""
+    if kw["relative_step"] or lr is None:
+        lr, lr_tensor = 0.0, None
+    else:
+        lr, lr_tensor = _split_lr(lr, params[0].device)
+    beta1 = kw["beta1"]
+    torch.ops.fused_optim.adafactor_(
+        params, grads, rows, cols, sqs, exp_avgs if beta1 is not None else [], rmss, state_steps,
+        transformers=True, lr=lr, lr_tensor=lr_tensor, eps1=kw["eps1"], eps2=kw["eps2"],
+        decay=kw["decay_rate"], d=kw["clip_threshold"], weight_decay=kw["weight_decay"], beta1=beta1,
+        maximize=False, relative_step=kw["relative_step"], scale_parameter=kw["scale_parameter"],
+        warmup_init=kw["warmup_init"], grad_scale=kw.get("grad_scale"), found_inf=kw.get("found_inf"),
+        clip_coef=kw.get("clip_coef"),
+    )  # fmt: skip
+
+
 def list_adam_group(backend):
     """adam_group for backends without one of their own: a closure over the bucket's lists."""
 
@@ -79,6 +108,8 @@ def _native():
         name="native",
         adam=_native_adam,
         adam_group=_native_adam_group,
+        adafactor=_native_adafactor,
+        adafactor_transformers=_native_adafactor_transformers,
         global_norm=lambda tensors, norm_type, max_norm, grad_scale=None: torch.ops.fused_optim.global_norm(
             tensors, float(norm_type), float(max_norm), grad_scale
         ),

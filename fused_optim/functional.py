@@ -133,3 +133,102 @@ def global_norm(
         ``clip_coef = min(1, max_norm / (total_norm + 1e-6))`` as torch computes it.
     """
     return _backend(backend, tensors).global_norm(tensors, norm_type, max_norm, grad_scale)
+
+
+def adafactor(
+    params,
+    grads,
+    row_vars,
+    col_vars,
+    variances,
+    state_steps,
+    *,
+    lr: float | torch.Tensor = 1e-2,
+    beta2_decay: float = -0.8,
+    eps1: float | None = None,
+    eps2: float = 1e-3,
+    d: float = 1.0,
+    weight_decay: float = 0.0,
+    maximize: bool = False,
+    grad_scale: torch.Tensor | None = None,
+    found_inf: torch.Tensor | None = None,
+    clip_coef: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> None:
+    r"""One fused Adafactor step, torch.optim.Adafactor's flavour, over lists of tensors, in
+    place: the math of :class:`fused_optim.Adafactor` (ALGORITHMS.md section 3a).
+
+    Args:
+        params, grads (list of Tensor): one entry per param, one dtype, one device.
+        row_vars, col_vars (list of Tensor): the factored second moment, shapes
+            ``[..., n, 1]`` and ``[..., 1, m]``: one entry per param with ``ndim >= 2``, in
+            the order of ``params``.
+        variances (list of Tensor): the full second moment (the param's shape), one entry per
+            param with ``ndim < 2``, in order. States share one dtype.
+        state_steps (list of Tensor): one-element float32 tensors on the params' device,
+            incremented by the call.
+        lr (float or Tensor): learning rate; a tensor is read on the device.
+        beta2_decay, eps2, d, weight_decay (float), maximize (bool): as
+            :class:`fused_optim.Adafactor`; ``eps1=None`` is ``finfo(params' dtype).eps``.
+        grad_scale, found_inf, clip_coef (Tensor, optional): as in :func:`adam`.
+        backend (str): ``"auto"``, ``"cuda"``, ``"triton"``, ``"cpu"`` or ``"reference"``.
+    """
+    if not params:
+        return
+    _backend(backend, params).adafactor(
+        params, grads, row_vars, col_vars, variances, state_steps, lr=lr, beta2_decay=beta2_decay,
+        eps1=eps1, eps2=eps2, d=d, weight_decay=weight_decay, maximize=maximize,
+        grad_scale=grad_scale, found_inf=found_inf, clip_coef=clip_coef,
+    )  # fmt: skip
+
+
+def adafactor_transformers(
+    params,
+    grads,
+    exp_avg_sq_rows,
+    exp_avg_sq_cols,
+    exp_avg_sqs,
+    exp_avgs,
+    rmss,
+    state_steps,
+    *,
+    lr: float | torch.Tensor | None = None,
+    eps1: float = 1e-30,
+    eps2: float = 1e-3,
+    clip_threshold: float = 1.0,
+    decay_rate: float = -0.8,
+    beta1: float | None = None,
+    weight_decay: float = 0.0,
+    scale_parameter: bool = True,
+    relative_step: bool = True,
+    warmup_init: bool = False,
+    grad_scale: torch.Tensor | None = None,
+    found_inf: torch.Tensor | None = None,
+    clip_coef: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> None:
+    r"""One fused Adafactor step, transformers' flavour, over lists of tensors, in place: the
+    math of :class:`fused_optim.transformers.Adafactor` (ALGORITHMS.md section 3b).
+
+    Args:
+        params, grads (list of Tensor): one entry per param, one dtype, one device.
+        exp_avg_sq_rows, exp_avg_sq_cols (list of Tensor): shapes ``shape[:-1]`` and
+            ``shape[:-2] + shape[-1:]``, one entry per param with ``ndim >= 2``, in order.
+        exp_avg_sqs (list of Tensor): the full second moment, one per param with ``ndim < 2``.
+        exp_avgs (list of Tensor): the first moment, one per param with ``beta1``, else ``[]``.
+        rmss (list of Tensor): 0-d tensors receiving RMS(param) before the step (transformers'
+            ``RMS`` state), one per param, or ``[]``. States are float32 or the params' dtype.
+        state_steps (list of Tensor): one-element float32 tensors, incremented by the call.
+        lr (float, Tensor or None): used only without ``relative_step``.
+        The other arguments are those of :class:`fused_optim.transformers.Adafactor`, and
+        ``grad_scale``, ``found_inf``, ``clip_coef``, ``backend`` as in :func:`adam`.
+    """
+    if not params:
+        return
+    _backend(backend, params).adafactor_transformers(
+        params, grads, exp_avg_sq_rows, exp_avg_sq_cols, exp_avg_sqs, exp_avgs, rmss, state_steps,
+        lr=lr, eps1=eps1, eps2=eps2, clip_threshold=clip_threshold, decay_rate=decay_rate,
+        beta1=beta1, weight_decay=weight_decay, scale_parameter=scale_parameter,
+        relative_step=relative_step, warmup_init=warmup_init, grad_scale=grad_scale,
+        found_inf=found_inf, clip_coef=clip_coef,
+    )  # fmt: skip

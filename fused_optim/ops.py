@@ -31,6 +31,11 @@ if _ext.load_error is None:
         _check_one_device(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps)
         return None
 
+    @torch.library.register_fake("fused_optim::adafactor_")
+    def _adafactor_fake(params, grads, row_vars, col_vars, variances, exp_avgs, rmss, state_steps, **kwargs):
+        _check_one_device(params, grads, row_vars, col_vars, variances, exp_avgs, rmss, state_steps)
+        return None
+
     @torch.library.register_fake("fused_optim::global_norm")
     def _global_norm_fake(tensors, norm_type, max_norm, grad_scale):
         _check_one_device(tensors)

@@ -41,7 +41,7 @@ for src in "${sources[@]}"; do
   fi
 done
 
-# The host C++ of a CUDA build (ops.cpp with FO_WITH_CUDA, csrc/cuda/*.cpp) needs torch's CUDA
+# The host C++ of a CUDA build (csrc/ops/*.cpp with FO_WITH_CUDA, csrc/cuda/*.cpp) needs torch's CUDA
 # headers; a CPU-only torch ships them minus one generated file, stubbed here, which is enough
 # for a syntax check. Skipped (with a note) when python cannot import torch.
 python="${PYTHON:-python}"
@@ -51,7 +51,7 @@ if torch_inc="$("${python}" -c 'from torch.utils.cpp_extension import include_pa
   py_inc="$("${python}" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')"
   host_flags=(-std=c++17 -fsyntax-only -Wall -Wextra -Werror -DFO_WITH_CUDA -I "${repo_root}/csrc/include")
   for d in ${torch_inc} "${out_dir}/stub" "${cuda_home}/include" "${py_inc}"; do host_flags+=(-isystem "${d}"); done
-  for src in "${repo_root}/csrc/ops.cpp" "${repo_root}"/csrc/cuda/*.cpp; do
+  for src in "${repo_root}"/csrc/ops/*.cpp "${repo_root}"/csrc/cuda/*.cpp; do
     echo "g++ -DFO_WITH_CUDA -fsyntax-only ${src#"${repo_root}"/}"
     if ! "${CXX:-g++}" "${host_flags[@]}" "${src}"; then
       echo "check_cuda_compile: FAILED: ${src#"${repo_root}"/}" >&2

@@ -41,6 +41,11 @@ def _close(actual, expected, dtype, what):
 # ------------------------------------------------------------------ torch flavour (3a)
 
 
+def _present(states: list) -> list:
+    """The compact state list the functions take (entries of params that have the state)."""
+    return [t for t in states if t is not None]
+
+
 class _TorchFlavour:
     """Our reference's tensors for a list of params, laid out as torch.optim.Adafactor's."""
 
@@ -56,7 +61,8 @@ class _TorchFlavour:
     def step(self, grads, *, lr=1e-2, beta2_decay=-0.8, eps=(None, 1e-3), d=1.0,
              weight_decay=0.0, maximize=False, **scaler):  # fmt: skip
         adafactor(
-            self.params, grads, self.rows, self.cols, self.variances, self.steps, lr=lr,
+            self.params, grads, _present(self.rows), _present(self.cols), _present(self.variances),
+            self.steps, lr=lr,
             beta2_decay=beta2_decay, eps1=eps[0], eps2=eps[1], d=d, weight_decay=weight_decay,
             maximize=maximize, **scaler,
         )  # fmt: skip
@@ -202,8 +208,9 @@ class _HFFlavour:
              beta1=None, weight_decay=0.0, scale_parameter=True, relative_step=True,
              warmup_init=False, **scaler):  # fmt: skip
         adafactor_transformers(
-            self.params, grads, self.rows, self.cols, self.sqs, self.exp_avgs, self.rmss,
-            self.steps, lr=lr, eps1=eps[0], eps2=eps[1], clip_threshold=clip_threshold,
+            self.params, grads, _present(self.rows), _present(self.cols), _present(self.sqs),
+            _present(self.exp_avgs), self.rmss, self.steps, lr=lr, eps1=eps[0], eps2=eps[1],
+            clip_threshold=clip_threshold,
             decay_rate=decay_rate, beta1=beta1, weight_decay=weight_decay,
             scale_parameter=scale_parameter, relative_step=relative_step,
             warmup_init=warmup_init, **scaler,

@@ -1,5 +1,5 @@
 // CUDA side of device_plan.h. Host C++ (torch APIs), compiled only in CUDA builds.
-#include "../device_plan.h"
+#include "../ops/device_plan.h"
 
 #include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>

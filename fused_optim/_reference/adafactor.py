@@ -3,6 +3,9 @@
 `adafactor` is torch.optim.Adafactor's flavour (3a), `adafactor_transformers` is
 transformers.optimization.Adafactor's (3b). A tensor with ndim >= 2 is factored over its last
 two dims (leading dims are batch dims); ndim < 2 keeps a full second moment.
+
+State lists are compact, as every backend takes them: the row and column statistics list one
+entry per factored param (ndim >= 2), in order, the full second moments one per other param.
 """
 
 import math
@@ -15,6 +18,17 @@ from fused_optim._reference.adam import _math_dtype, _scalar, prepare_grad
 def _rms(x: torch.Tensor) -> torch.Tensor:
     """‖x‖/√numel as a 0-d tensor (kept on the device: no host sync per tensor)."""
     return x.norm() / math.sqrt(x.numel())
+
+
+def _positions(params) -> tuple[dict, dict]:
+    """param index -> its index in the compact factored / full state lists."""
+    factored, full = {}, {}
+    for i, p in enumerate(params):
+        if p.dim() >= 2:
+            factored[i] = len(factored)
+        else:
+            full[i] = len(full)
+    return factored, full
 
 
 def _skip(found_inf) -> bool:
@@ -43,12 +57,13 @@ def adafactor(
 ) -> None:
     """One torch-flavour step (ALGORITHMS.md 3a) over lists of tensors, in place.
 
-    row_vars / col_vars ([..., n, 1] / [..., 1, m]) are used for ndim >= 2 and variances
-    (param's shape) otherwise; the unused entries may be None. eps1=None means
-    finfo(param dtype).eps, taken per tensor."""
+    row_vars / col_vars ([..., n, 1] / [..., 1, m]) hold one entry per param with ndim >= 2,
+    variances (the param's shape) one per other param, each in the order of params.
+    eps1=None means finfo(param dtype).eps, taken per tensor."""
     if _skip(found_inf):
         return
     lr = _scalar(lr)
+    factored, full = _positions(params)
     for i, param in enumerate(params):
         step_t = state_steps[i]
         if param.numel() == 0:
@@ -69,18 +84,19 @@ def adafactor(
         w = t**beta2_decay  # 1 - beta2_t, the weight of the new statistics
         if g.dim() >= 2:
             # torch.lerp: its rounding (two formulas split at w = 0.5) is torch's, exact at w = 1.
-            r = row_vars[i].to(md).lerp((g * g).mean(dim=-1, keepdim=True), w)
-            c = col_vars[i].to(md).lerp((g * g).mean(dim=-2, keepdim=True), w)
+            row_var, col_var = row_vars[factored[i]], col_vars[factored[i]]
+            r = row_var.to(md).lerp((g * g).mean(dim=-1, keepdim=True), w)
+            c = col_var.to(md).lerp((g * g).mean(dim=-2, keepdim=True), w)
             # Normalise r before multiplying by c: r_i·c_j as raw products underflows in fp32
             # for tiny gradients (ALGORITHMS.md, precision rule).
             a = r / torch.clamp(r.mean(dim=-2, keepdim=True), min=e1)
             est = a * c
-            row_vars[i].copy_(r)
-            col_vars[i].copy_(c)
+            row_var.copy_(r)
+            col_var.copy_(c)
         else:
-            v = variances[i].to(md).lerp(g * g, w)
+            v = variances[full[i]].to(md).lerp(g * g, w)
             est = v
-            variances[i].copy_(v)
+            variances[full[i]].copy_(v)
 
         # eps1 squared: it bounds est, whose square root scales the update.
         u = g * torch.rsqrt(torch.clamp(est, min=e1 * e1))
@@ -117,13 +133,14 @@ def adafactor_transformers(
 ) -> None:
     """One transformers-flavour step (ALGORITHMS.md 3b) over lists of tensors, in place.
 
-    exp_avg_sq_rows / exp_avg_sq_cols (shape[:-1] / shape[:-2] + shape[-1:]) are used for
-    ndim >= 2, exp_avg_sqs otherwise; exp_avgs only when beta1 is not None; rmss (0-d) receive
-    RMS(θ) as transformers' `RMS` state. Unused entries may be None. lr is ignored (may be
-    None) when relative_step."""
+    exp_avg_sq_rows / exp_avg_sq_cols (shape[:-1] / shape[:-2] + shape[-1:]) hold one entry per
+    param with ndim >= 2, exp_avg_sqs one per other param, in the order of params; exp_avgs
+    one per param when beta1 is not None, else []; rmss (0-d, one per param, or []) receive
+    RMS(θ) as transformers' `RMS` state. lr is ignored (may be None) when relative_step."""
     if _skip(found_inf):
         return
     lr = None if relative_step else _scalar(lr)
+    factored, full = _positions(params)
     for i, param in enumerate(params):
         step_t = state_steps[i]
         rms_out = rmss[i] if rmss else None
@@ -150,18 +167,20 @@ def adafactor_transformers(
         beta2t = 1.0 - t**decay_rate
         s = g * g + eps1
         if g.dim() >= 2:
-            r = beta2t * exp_avg_sq_rows[i].to(md) + (1.0 - beta2t) * s.mean(dim=-1)
-            c = beta2t * exp_avg_sq_cols[i].to(md) + (1.0 - beta2t) * s.mean(dim=-2)
+            row, col = exp_avg_sq_rows[factored[i]], exp_avg_sq_cols[factored[i]]
+            r = beta2t * row.to(md) + (1.0 - beta2t) * s.mean(dim=-1)
+            c = beta2t * col.to(md) + (1.0 - beta2t) * s.mean(dim=-2)
             # a_i, b_j: O(n + m) factors, never the raw product r_i·c_j (precision rule).
             a = torch.rsqrt(r / r.mean(dim=-1, keepdim=True))
             b = torch.rsqrt(c)
             u = g * a.unsqueeze(-1) * b.unsqueeze(-2)
-            exp_avg_sq_rows[i].copy_(r)
-            exp_avg_sq_cols[i].copy_(c)
+            row.copy_(r)
+            col.copy_(c)
         else:
-            v = beta2t * exp_avg_sqs[i].to(md) + (1.0 - beta2t) * s
+            sq = exp_avg_sqs[full[i]]
+            v = beta2t * sq.to(md) + (1.0 - beta2t) * s
             u = g * torch.rsqrt(v)
-            exp_avg_sqs[i].copy_(v)
+            sq.copy_(v)
 
         u = u / torch.clamp(_rms(u) / clip_threshold, min=1.0)
         u = alpha * u

@@ -6,6 +6,7 @@
 
 #include <stdint.h>
 
+#include "fused_optim/math/adafactor.h"
 #include "fused_optim/math/clip.h"
 #include "fused_optim/multi_tensor.h"
 
@@ -34,6 +35,38 @@ struct AdamArgs {
   const float* grad_scale = nullptr;
   const float* found_inf = nullptr;  // non-zero: skip the step, touch nothing
   const float* clip_coef = nullptr;
+};
+
+// One Adafactor step (math/adafactor.h), run as five phases over one plan: work items of
+// `tiles` (tensor, tile) for phases 1, 3 and 5, of `matrices` (tensor, matrix) for phase 2,
+// one per tensor for phase 4. The scratch buffers hold the partials between phases.
+struct AdafactorArgs {
+  const AdafactorTensor* tensors = nullptr;
+  int32_t n_tensors = 0;
+  const WorkItem* tiles = nullptr;
+  int64_t n_tiles = 0;
+  const WorkItem* matrices = nullptr;
+  int64_t n_matrices = 0;
+
+  DType param_dtype = DType::kFloat32;  // grads have the param dtype
+  DType state_dtype = DType::kFloat32;  // row/col/full statistics and exp_avg
+
+  AdafactorHyper hyper;
+  double lr = 0.0;
+  const void* lr_ptr = nullptr;  // when set, lr is read from here (float32 or float64)
+  bool lr_is_f64 = false;
+  bool maximize = false;
+
+  const float* grad_scale = nullptr;
+  const float* found_inf = nullptr;  // non-zero: skip the step, touch nothing
+  const float* clip_coef = nullptr;
+
+  // Scratch, on the params' device.
+  float* row_partials = nullptr;
+  float* col_partials = nullptr;
+  double* tile_partials = nullptr;  // 2 per tile: sum of theta^2 (phase 1), of u^2 (phase 3)
+  float* factors = nullptr;
+  AdafactorApply* apply = nullptr;  // one per tensor (phase 4 -> phase 5)
 };
 
 // Per-work-item partial results of a p-norm, written in double to `partials[item]`.

@@ -31,6 +31,29 @@ struct AdamTensor {
   int64_t numel;
 };
 
+// One tensor of an Adafactor call (math/adafactor.h). Factored tensors are `batch` matrices of
+// rows x cols, cut into tiles of tile_rows x tile_cols; a full (or empty) tensor is cut into
+// flat tiles of kAdafactorTileElems. Offsets index the call's scratch buffers (kernel_args.h).
+struct AdafactorTensor {
+  void* param;
+  const void* grad;
+  void* row;      // factored: batch * rows row statistics, row-major; else null
+  void* col;      // factored: batch * cols column statistics; else null
+  void* full;     // full: the second moment, laid out like param; else null
+  void* exp_avg;  // transformers' momentum (beta1), laid out like param; else null
+  float* rms;     // transformers' RMS state (0-d float32), or null
+  float* step;
+  int64_t numel;
+  int64_t batch, rows, cols;
+  int64_t tile_rows, tile_cols;
+  int64_t row_tiles, col_tiles;  // tiles per matrix down the rows / across the columns
+  int64_t first_tile;            // index of its first tile among the call's tiles
+  int64_t row_partials;          // batch * rows * col_tiles floats: [matrix][row][col tile]
+  int64_t col_partials;          // batch * cols * row_tiles floats: [matrix][col][row tile]
+  int64_t factors;               // batch * rows row factors, then batch * cols column factors
+  int32_t factored;
+};
+
 // Addresses of one tensor of a norm or scale call.
 struct FlatTensor {
   void* data;

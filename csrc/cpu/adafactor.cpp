@@ -1,0 +1,371 @@
+// Adafactor on the CPU: the five phases of math/adafactor.h as five parallel loops over the
+// call's tiles, matrices and tensors, whatever the number of tensors. Deterministic: every
+// partial is computed by one thread in a fixed order and partials are combined in a fixed order.
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "dtype.h"
+#include "fused_optim/kernels.h"
+#include "fused_optim/math/adafactor.h"
+#include "fused_optim/math/adam.h"
+#include "isa.h"
+
+namespace fused_optim {
+namespace {
+
+// Independent accumulator lanes, so sums vectorise without reassociation (as in norm.cpp).
+constexpr int kLanes = 16;
+
+float sum_lanes(const float (&lanes)[kLanes]) {
+  float acc = 0.0f;
+  for (int l = 0; l < kLanes; ++l) acc += lanes[l];
+  return acc;
+}
+
+// Phase 1 on one row of a factored tile: s of each element added to its column's accumulator,
+// the row's sum of s and of theta^2 returned through row_sum / theta_sq.
+#define FO_DEFINE_STATS_ROW(suffix, attrs)                                                     \
+  template <typename P>                                                                        \
+  attrs void stats_row_##suffix(const P* __restrict__ theta, const P* __restrict__ grad,       \
+                                int64_t n, float mult, float add, float* __restrict__ col_acc, \
+                                float* row_sum, float* theta_sq) {                             \
+    float rows[kLanes] = {}, thetas[kLanes] = {};                                              \
+    int64_t j = 0;                                                                             \
+    for (; j + kLanes <= n; j += kLanes) {                                                     \
+      for (int l = 0; l < kLanes; ++l) {                                                       \
+        const float s = adafactor_square(static_cast<float>(grad[j + l]) * mult, add);         \
+        const float x = static_cast<float>(theta[j + l]);                                      \
+        rows[l] += s;                                                                          \
+        col_acc[j + l] += s;                                                                   \
+        thetas[l] += x * x;                                                                    \
+      }                                                                                        \
+    }                                                                                          \
+    float row = sum_lanes(rows), th = sum_lanes(thetas);                                       \
+    for (; j < n; ++j) {                                                                       \
+      const float s = adafactor_square(static_cast<float>(grad[j]) * mult, add);               \
+      const float x = static_cast<float>(theta[j]);                                            \
+      row += s;                                                                                \
+      col_acc[j] += s;                                                                         \
+      th += x * x;                                                                             \
+    }                                                                                          \
+    *row_sum = row;                                                                            \
+    *theta_sq = th;                                                                            \
+  }
+FO_CPU_ISA_VARIANTS(FO_DEFINE_STATS_ROW)
+#undef FO_DEFINE_STATS_ROW
+
+// Phase 3 on one row: the sum of u^2. Factored: f1 = the row's factor, f2 = column factors;
+// full: f2 = v (f1 unused).
+#define FO_DEFINE_UNORM_ROW(suffix, attrs)                                                       \
+  template <typename P, typename S, bool kFactored, bool kHf>                                    \
+  attrs float unorm_row_##suffix(const P* __restrict__ grad, const float* __restrict__ cf,       \
+                                 const S* __restrict__ v, float rf, int64_t n, float mult,       \
+                                 float eps1_sq) {                                                \
+    float lanes[kLanes] = {};                                                                    \
+    int64_t j = 0;                                                                               \
+    for (; j + kLanes <= n; j += kLanes) {                                                       \
+      for (int l = 0; l < kLanes; ++l) {                                                         \
+        const float g = static_cast<float>(grad[j + l]) * mult;                                  \
+        const float u =                                                                          \
+            kFactored ? adafactor_u(g, rf, cf[j + l], true, kHf, eps1_sq)                        \
+                      : adafactor_u(g, static_cast<float>(v[j + l]), 0.0f, false, kHf, eps1_sq); \
+        lanes[l] += u * u;                                                                       \
+      }                                                                                          \
+    }                                                                                            \
+    float acc = sum_lanes(lanes);                                                                \
+    for (; j < n; ++j) {                                                                         \
+      const float g = static_cast<float>(grad[j]) * mult;                                        \
+      const float u = kFactored                                                                  \
+                          ? adafactor_u(g, rf, cf[j], true, kHf, eps1_sq)                        \
+                          : adafactor_u(g, static_cast<float>(v[j]), 0.0f, false, kHf, eps1_sq); \
+      acc += u * u;                                                                              \
+    }                                                                                            \
+    return acc;                                                                                  \
+  }
+FO_CPU_ISA_VARIANTS(FO_DEFINE_UNORM_ROW)
+#undef FO_DEFINE_UNORM_ROW
+
+// Phase 5 on one row: recomputes u and applies the update (and transformers' momentum).
+#define FO_DEFINE_APPLY_ROW(suffix, attrs)                                                       \
+  template <typename P, typename S, bool kFactored, bool kHf, bool kMomentum>                    \
+  attrs void apply_row_##suffix(P* __restrict__ theta, const P* __restrict__ grad,               \
+                                const float* __restrict__ cf, const S* __restrict__ v,           \
+                                S* __restrict__ exp_avg, float rf, int64_t n, float mult,        \
+                                float eps1_sq, const AdafactorApply a, const AdafactorHyper h) { \
+    for (int64_t j = 0; j < n; ++j) {                                                            \
+      const float g = static_cast<float>(grad[j]) * mult;                                        \
+      const float u = kFactored                                                                  \
+                          ? adafactor_u(g, rf, cf[j], true, kHf, eps1_sq)                        \
+                          : adafactor_u(g, static_cast<float>(v[j]), 0.0f, false, kHf, eps1_sq); \
+      float x = static_cast<float>(theta[j]);                                                    \
+      float m = kMomentum ? static_cast<float>(exp_avg[j]) : 0.0f;                               \
+      adafactor_apply(x, u, m, a, h);                                                            \
+      theta[j] = static_cast<P>(x);                                                              \
+      if (kMomentum) exp_avg[j] = static_cast<S>(m);                                             \
+    }                                                                                            \
+  }
+FO_CPU_ISA_VARIANTS(FO_DEFINE_APPLY_ROW)
+#undef FO_DEFINE_APPLY_ROW
+
+// A tile as loops over rows: matrix `b`, rows [row0, row0 + n_rows), columns [col0, col0 +
+// n_cols); a full tensor's tile is one "row" of its flat range.
+struct Tile {
+  int64_t b, row0, n_rows, col0, n_cols;
+  int64_t rb, cb;  // its row-tile and column-tile index
+};
+
+Tile tile_of(const AdafactorTensor& t, int64_t q) {
+  Tile x{};
+  if (!t.factored) {
+    x.col0 = q * kAdafactorTileElems;
+    x.n_rows = 1;
+    x.n_cols = std::max<int64_t>(0, std::min(kAdafactorTileElems, t.numel - x.col0));
+    return x;
+  }
+  const int64_t per_matrix = t.row_tiles * t.col_tiles;
+  x.b = q / per_matrix;
+  x.rb = (q % per_matrix) / t.col_tiles;
+  x.cb = q % t.col_tiles;
+  x.row0 = x.rb * t.tile_rows;
+  x.col0 = x.cb * t.tile_cols;
+  x.n_rows = std::min(t.tile_rows, t.rows - x.row0);
+  x.n_cols = std::min(t.tile_cols, t.cols - x.col0);
+  return x;
+}
+
+// Offset of element (row, col0) of matrix b, or of a full tensor's flat position col0.
+int64_t element(const AdafactorTensor& t, const Tile& x, int64_t row) {
+  return t.factored ? (x.b * t.rows + row) * t.cols + x.col0 : x.col0;
+}
+
+double read_lr(const AdafactorArgs& a) {
+  if (a.lr_ptr == nullptr) return a.lr;
+  return a.lr_is_f64 ? *static_cast<const double*>(a.lr_ptr)
+                     : static_cast<double>(*static_cast<const float*>(a.lr_ptr));
+}
+
+template <typename P, typename S>
+struct Phases {
+  const AdafactorArgs& a;
+  const AdafactorHyper& h;
+  float mult, add, eps1_sq;
+
+  explicit Phases(const AdafactorArgs& args)
+      : a(args),
+        h(args.hyper),
+        mult(grad_multiplier(args.maximize, args.grad_scale, args.clip_coef)),
+        add(args.hyper.transformers ? static_cast<float>(args.hyper.eps1) : 0.0f),
+        eps1_sq(static_cast<float>(args.hyper.eps1 * args.hyper.eps1)) {}
+
+  // Phase 1: per tile, partial row/column sums of s (factored) or v updated in place (full),
+  // and the partial sum of theta^2.
+  void stats() {
+    static const auto row_fn = pick_isa(stats_row_base<P>, stats_row_avx2<P>, stats_row_avx512<P>);
+    at::parallel_for(0, a.n_tiles, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> col_acc;
+      for (int64_t w = begin; w < end; ++w) {
+        const WorkItem item = a.tiles[w];
+        const AdafactorTensor& t = a.tensors[item.tensor];
+        const Tile x = tile_of(t, item.chunk);
+        const P* theta = static_cast<const P*>(t.param);
+        const P* grad = static_cast<const P*>(t.grad);
+        double theta_sq = 0.0;
+        if (t.factored) {
+          col_acc.assign(static_cast<size_t>(x.n_cols), 0.0f);
+          for (int64_t k = 0; k < x.n_rows; ++k) {
+            const int64_t row = x.row0 + k;
+            const int64_t e = element(t, x, row);
+            float row_sum = 0.0f, th = 0.0f;
+            row_fn(theta + e, grad + e, x.n_cols, mult, add, col_acc.data(), &row_sum, &th);
+            a.row_partials[t.row_partials + (x.b * t.rows + row) * t.col_tiles + x.cb] = row_sum;
+            theta_sq += th;
+          }
+          for (int64_t j = 0; j < x.n_cols; ++j) {
+            a.col_partials[t.col_partials + (x.b * t.cols + x.col0 + j) * t.row_tiles + x.rb] =
+                col_acc[static_cast<size_t>(j)];
+          }
+        } else if (x.n_cols > 0) {
+          const AdafactorStatWeights sw = adafactor_stat_weights(*t.step + 1.0, h.decay);
+          S* v = static_cast<S*>(t.full) + x.col0;
+          float thetas[kLanes] = {};
+          int64_t j = 0;
+          for (; j < x.n_cols; ++j) {
+            const float s = adafactor_square(static_cast<float>(grad[x.col0 + j]) * mult, add);
+            v[j] = static_cast<S>(
+                adafactor_stat_update(static_cast<float>(v[j]), s, sw, h.transformers));
+            const float th = static_cast<float>(theta[x.col0 + j]);
+            thetas[j % kLanes] += th * th;
+          }
+          theta_sq = sum_lanes(thetas);
+        }
+        a.tile_partials[2 * w] = theta_sq;
+      }
+    });
+  }
+
+  // Phase 2: per matrix, the row and column statistics from their partials, then the factors.
+  void factors() {
+    at::parallel_for(0, a.n_matrices, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t w = begin; w < end; ++w) {
+        const WorkItem item = a.matrices[w];
+        const AdafactorTensor& t = a.tensors[item.tensor];
+        const int64_t b = item.chunk;
+        const AdafactorStatWeights sw = adafactor_stat_weights(*t.step + 1.0, h.decay);
+        S* row = static_cast<S*>(t.row) + b * t.rows;
+        S* col = static_cast<S*>(t.col) + b * t.cols;
+        float* rf = a.factors + t.factors + b * t.rows;
+        float* cf = a.factors + t.factors + t.batch * t.rows + b * t.cols;
+        double sum_r = 0.0;
+        for (int64_t i = 0; i < t.rows; ++i) {
+          const float* p = a.row_partials + t.row_partials + (b * t.rows + i) * t.col_tiles;
+          double s = 0.0;
+          for (int64_t k = 0; k < t.col_tiles; ++k) s += p[k];
+          const float mean = static_cast<float>(s / static_cast<double>(t.cols));
+          const float r =
+              adafactor_stat_update(static_cast<float>(row[i]), mean, sw, h.transformers);
+          row[i] = static_cast<S>(r);
+          rf[i] = r;  // the factor replaces it below, once the mean is known
+          sum_r += r;
+        }
+        const float mean_r = static_cast<float>(sum_r / static_cast<double>(t.rows));
+        const float eps1 = static_cast<float>(h.eps1);
+        for (int64_t i = 0; i < t.rows; ++i) {
+          rf[i] = adafactor_row_factor(rf[i], mean_r, eps1, h.transformers);
+        }
+        for (int64_t j = 0; j < t.cols; ++j) {
+          const float* p = a.col_partials + t.col_partials + (b * t.cols + j) * t.row_tiles;
+          double s = 0.0;
+          for (int64_t k = 0; k < t.row_tiles; ++k) s += p[k];
+          const float mean = static_cast<float>(s / static_cast<double>(t.rows));
+          const float c =
+              adafactor_stat_update(static_cast<float>(col[j]), mean, sw, h.transformers);
+          col[j] = static_cast<S>(c);
+          cf[j] = adafactor_col_factor(c, h.transformers);
+        }
+      }
+    });
+  }
+
+  // Phase 3: per tile, the partial sum of u^2.
+  template <bool kHf>
+  void unorm() {
+    static const auto fac =
+        pick_isa(unorm_row_base<P, S, true, kHf>, unorm_row_avx2<P, S, true, kHf>,
+                 unorm_row_avx512<P, S, true, kHf>);
+    static const auto full =
+        pick_isa(unorm_row_base<P, S, false, kHf>, unorm_row_avx2<P, S, false, kHf>,
+                 unorm_row_avx512<P, S, false, kHf>);
+    at::parallel_for(0, a.n_tiles, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t w = begin; w < end; ++w) {
+        const WorkItem item = a.tiles[w];
+        const AdafactorTensor& t = a.tensors[item.tensor];
+        const Tile x = tile_of(t, item.chunk);
+        const P* grad = static_cast<const P*>(t.grad);
+        double acc = 0.0;
+        if (t.factored) {
+          const float* rf = a.factors + t.factors + x.b * t.rows;
+          const float* cf = a.factors + t.factors + t.batch * t.rows + x.b * t.cols + x.col0;
+          for (int64_t k = 0; k < x.n_rows; ++k) {
+            const int64_t row = x.row0 + k;
+            acc += fac(grad + element(t, x, row), cf, nullptr, rf[row], x.n_cols, mult, eps1_sq);
+          }
+        } else if (x.n_cols > 0) {
+          acc = full(grad + x.col0, nullptr, static_cast<const S*>(t.full) + x.col0, 0.0f, x.n_cols,
+                     mult, eps1_sq);
+        }
+        a.tile_partials[2 * w + 1] = acc;
+      }
+    });
+  }
+
+  // Phase 4: per tensor, the apply scalars from its tiles' partials; advances the step.
+  void scalars(double lr) {
+    for (int32_t i = 0; i < a.n_tensors; ++i) {
+      const AdafactorTensor& t = a.tensors[i];
+      const int64_t n_tiles = i + 1 < a.n_tensors ? a.tensors[i + 1].first_tile - t.first_tile
+                                                  : a.n_tiles - t.first_tile;
+      double theta_sq = 0.0, u_sq = 0.0;
+      for (int64_t k = 0; k < n_tiles; ++k) {
+        theta_sq += a.tile_partials[2 * (t.first_tile + k)];
+        u_sq += a.tile_partials[2 * (t.first_tile + k) + 1];
+      }
+      const float step = *t.step;
+      float rms = 0.0f;
+      if (t.numel > 0) {
+        a.apply[i] = adafactor_apply_scalars(h, theta_sq, u_sq, t.numel, step + 1.0, lr, &rms);
+      }
+      if (t.rms != nullptr) *t.rms = rms;
+      *t.step = step + 1.0f;
+    }
+  }
+
+  // Phase 5: per tile, the update.
+  template <bool kHf, bool kMomentum>
+  void apply() {
+    static const auto fac = pick_isa(apply_row_base<P, S, true, kHf, kMomentum>,
+                                     apply_row_avx2<P, S, true, kHf, kMomentum>,
+                                     apply_row_avx512<P, S, true, kHf, kMomentum>);
+    static const auto full = pick_isa(apply_row_base<P, S, false, kHf, kMomentum>,
+                                      apply_row_avx2<P, S, false, kHf, kMomentum>,
+                                      apply_row_avx512<P, S, false, kHf, kMomentum>);
+    at::parallel_for(0, a.n_tiles, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t w = begin; w < end; ++w) {
+        const WorkItem item = a.tiles[w];
+        const AdafactorTensor& t = a.tensors[item.tensor];
+        const Tile x = tile_of(t, item.chunk);
+        if (x.n_cols == 0 || x.n_rows == 0) continue;
+        P* theta = static_cast<P*>(t.param);
+        const P* grad = static_cast<const P*>(t.grad);
+        S* exp_avg = static_cast<S*>(t.exp_avg);
+        const AdafactorApply s = a.apply[item.tensor];
+        if (t.factored) {
+          const float* rf = a.factors + t.factors + x.b * t.rows;
+          const float* cf = a.factors + t.factors + t.batch * t.rows + x.b * t.cols + x.col0;
+          for (int64_t k = 0; k < x.n_rows; ++k) {
+            const int64_t row = x.row0 + k;
+            const int64_t e = element(t, x, row);
+            fac(theta + e, grad + e, cf, nullptr, kMomentum ? exp_avg + e : nullptr, rf[row],
+                x.n_cols, mult, eps1_sq, s, h);
+          }
+        } else {
+          const int64_t e = x.col0;
+          full(theta + e, grad + e, nullptr, static_cast<const S*>(t.full) + e,
+               kMomentum ? exp_avg + e : nullptr, 0.0f, x.n_cols, mult, eps1_sq, s, h);
+        }
+      }
+    });
+  }
+
+  void run() {
+    const double lr = read_lr(a);
+    stats();
+    factors();
+    if (h.transformers) {
+      unorm<true>();
+    } else {
+      unorm<false>();
+    }
+    scalars(lr);
+    if (!h.transformers) {
+      apply<false, false>();
+    } else if (h.has_beta1) {
+      apply<true, true>();
+    } else {
+      apply<true, false>();
+    }
+  }
+};
+
+}  // namespace
+
+void adafactor_cpu(const AdafactorArgs& a) {
+  if (a.found_inf != nullptr && *a.found_inf != 0.0f) return;  // GradScaler: skip the step
+  dispatch_dtype(a.param_dtype, [&](auto p_tag) {
+    dispatch_dtype(a.state_dtype,
+                   [&](auto s_tag) { Phases<decltype(p_tag), decltype(s_tag)>(a).run(); });
+  });
+}
+
+}  // namespace fused_optim

@@ -1,0 +1,305 @@
+// Adafactor on CUDA: the five phases of math/adafactor.h as five launches over all tensors of a
+// call, whatever their number or mix of factored and full tensors. Tiles, matrices and tensors
+// are the blocks of the three kinds of launch. Deterministic: per-tile partials are written to
+// their own slots and combined in a fixed order (no float atomics). The per-element and
+// per-tensor math is the header's, the same functions the CPU kernels call.
+#include <cuda_runtime_api.h>
+#include <stdint.h>
+
+#include "fused_optim/cuda/dtype.cuh"
+#include "fused_optim/cuda/launch.cuh"
+#include "fused_optim/cuda/reduce.cuh"
+#include "fused_optim/kernels.h"
+#include "fused_optim/math/adafactor.h"
+#include "fused_optim/math/adam.h"
+
+namespace fused_optim {
+namespace {
+
+constexpr int kThreads = 256;
+
+// A tile's place: matrix b, rows [row0, row0 + n_rows), columns [col0, col0 + n_cols); a full
+// tensor's tile is one row of n_cols elements of its flat range starting at col0.
+struct Tile {
+  int64_t b, row0, n_rows, col0, n_cols, rb, cb;
+};
+
+__device__ __forceinline__ Tile tile_of(const AdafactorTensor& t, int64_t q) {
+  Tile x{};
+  if (!t.factored) {
+    x.col0 = q * kAdafactorTileElems;
+    const int64_t left = t.numel - x.col0;
+    x.n_rows = 1;
+    x.n_cols = left < 0 ? 0 : (left < kAdafactorTileElems ? left : kAdafactorTileElems);
+    return x;
+  }
+  const int64_t per_matrix = t.row_tiles * t.col_tiles;
+  x.b = q / per_matrix;
+  x.rb = (q % per_matrix) / t.col_tiles;
+  x.cb = q % t.col_tiles;
+  x.row0 = x.rb * t.tile_rows;
+  x.col0 = x.cb * t.tile_cols;
+  x.n_rows = t.rows - x.row0 < t.tile_rows ? t.rows - x.row0 : t.tile_rows;
+  x.n_cols = t.cols - x.col0 < t.tile_cols ? t.cols - x.col0 : t.tile_cols;
+  return x;
+}
+
+// Offset of element (k, j) of the tile in its tensor (k = row within the tile).
+__device__ __forceinline__ int64_t element(const AdafactorTensor& t, const Tile& x, int64_t k,
+                                           int64_t j) {
+  return t.factored ? (x.b * t.rows + x.row0 + k) * t.cols + x.col0 + j : x.col0 + j;
+}
+
+__device__ __forceinline__ bool skipped(const AdafactorArgs& a) {
+  return a.found_inf != nullptr && *a.found_inf != 0.0f;  // GradScaler: the step is skipped
+}
+
+template <typename T>
+__device__ __forceinline__ float load(const void* p, int64_t i) {
+  return cuda::Convert<T>::to_float(static_cast<const T*>(p)[i]);
+}
+
+template <typename T>
+__device__ __forceinline__ void store(void* p, int64_t i, float x) {
+  static_cast<T*>(p)[i] = cuda::Convert<T>::from_float(x);
+}
+
+// u of element (k, j) of a tile: recomputed from g and the factors (or the full v) wherever
+// it is needed, so it is never stored.
+template <typename P, typename S>
+__device__ __forceinline__ float u_at(const AdafactorArgs& a, const AdafactorTensor& t,
+                                      const Tile& x, int64_t k, int64_t j, int64_t e, float mult,
+                                      float eps1_sq) {
+  const float g = load<P>(t.grad, e) * mult;
+  const bool hf = a.hyper.transformers;
+  if (t.factored) {
+    const float rf = a.factors[t.factors + x.b * t.rows + x.row0 + k];
+    const float cf = a.factors[t.factors + t.batch * t.rows + x.b * t.cols + x.col0 + j];
+    return adafactor_u(g, rf, cf, true, hf, eps1_sq);
+  }
+  return adafactor_u(g, load<S>(t.full, e), 0.0f, false, hf, eps1_sq);
+}
+
+__device__ __forceinline__ float eps1_add(const AdafactorArgs& a) {
+  return a.hyper.transformers ? static_cast<float>(a.hyper.eps1) : 0.0f;
+}
+
+__device__ __forceinline__ float eps1_squared(const AdafactorArgs& a) {
+  return static_cast<float>(a.hyper.eps1 * a.hyper.eps1);
+}
+
+// Phase 1, one block per tile. A factored tile's s values are staged in shared memory, then
+// summed along rows (a warp per row, or a thread per row for narrow tiles) and down columns (a
+// thread per column), each in a fixed order.
+template <typename P, typename S>
+__global__ void __launch_bounds__(kThreads) stats_kernel(AdafactorArgs a) {
+  if (skipped(a)) return;
+  __shared__ float staged[kAdafactorTileElems];
+  const int64_t w = blockIdx.x;
+  const WorkItem item = a.tiles[w];
+  const AdafactorTensor t = a.tensors[item.tensor];
+  const Tile x = tile_of(t, item.chunk);
+  const float mult = grad_multiplier(a.maximize, a.grad_scale, a.clip_coef);
+  const float add = eps1_add(a);
+  const int64_t count = x.n_rows * x.n_cols;
+  double theta_sq = 0.0;
+  if (t.factored) {
+    for (int64_t e = threadIdx.x; e < count; e += kThreads) {
+      const int64_t k = e / x.n_cols, j = e % x.n_cols;
+      const int64_t at = element(t, x, k, j);
+      staged[e] = adafactor_square(load<P>(t.grad, at) * mult, add);
+      const float th = load<P>(t.param, at);
+      theta_sq += static_cast<double>(th * th);
+    }
+    __syncthreads();
+    const int lane = threadIdx.x % cuda::kWarpSize, warp = threadIdx.x / cuda::kWarpSize;
+    float* row_out = a.row_partials + t.row_partials + (x.b * t.rows + x.row0) * t.col_tiles + x.cb;
+    if (x.n_cols >= cuda::kWarpSize) {
+      for (int64_t k = warp; k < x.n_rows; k += kThreads / cuda::kWarpSize) {
+        float acc = 0.0f;
+        for (int64_t j = lane; j < x.n_cols; j += cuda::kWarpSize) acc += staged[k * x.n_cols + j];
+#pragma unroll
+        for (int offset = cuda::kWarpSize / 2; offset > 0; offset /= 2) {
+          acc += __shfl_down_sync(0xffffffffu, acc, offset);
+        }
+        if (lane == 0) row_out[k * t.col_tiles] = acc;
+      }
+    } else {
+      for (int64_t k = threadIdx.x; k < x.n_rows; k += kThreads) {
+        float acc = 0.0f;
+        for (int64_t j = 0; j < x.n_cols; ++j) acc += staged[k * x.n_cols + j];
+        row_out[k * t.col_tiles] = acc;
+      }
+    }
+    float* col_out = a.col_partials + t.col_partials + (x.b * t.cols + x.col0) * t.row_tiles + x.rb;
+    for (int64_t j = threadIdx.x; j < x.n_cols; j += kThreads) {
+      float acc = 0.0f;
+      for (int64_t k = 0; k < x.n_rows; ++k) acc += staged[k * x.n_cols + j];
+      col_out[j * t.row_tiles] = acc;
+    }
+  } else if (count > 0) {
+    const AdafactorStatWeights sw = adafactor_stat_weights(*t.step + 1.0, a.hyper.decay);
+    for (int64_t j = threadIdx.x; j < count; j += kThreads) {
+      const int64_t at = x.col0 + j;
+      const float s = adafactor_square(load<P>(t.grad, at) * mult, add);
+      store<S>(t.full, at, adafactor_stat_update(load<S>(t.full, at), s, sw, a.hyper.transformers));
+      const float th = load<P>(t.param, at);
+      theta_sq += static_cast<double>(th * th);
+    }
+  }
+  theta_sq = cuda::block_reduce<kThreads>(theta_sq, [](double p, double q) { return p + q; });
+  if (threadIdx.x == 0) a.tile_partials[2 * w] = theta_sq;
+}
+
+// Phase 2, one block per matrix: row and column statistics from their partials (each combined
+// by one thread in tile order), the mean of the rows, then the factors.
+template <typename S>
+__global__ void __launch_bounds__(kThreads) factors_kernel(AdafactorArgs a) {
+  if (skipped(a)) return;
+  __shared__ float mean_r;
+  const WorkItem item = a.matrices[blockIdx.x];
+  const AdafactorTensor t = a.tensors[item.tensor];
+  const int64_t b = item.chunk;
+  const AdafactorHyper& h = a.hyper;
+  const AdafactorStatWeights sw = adafactor_stat_weights(*t.step + 1.0, h.decay);
+  float* rf = a.factors + t.factors + b * t.rows;
+  float* cf = a.factors + t.factors + t.batch * t.rows + b * t.cols;
+  double sum_r = 0.0;
+  for (int64_t i = threadIdx.x; i < t.rows; i += kThreads) {
+    const float* p = a.row_partials + t.row_partials + (b * t.rows + i) * t.col_tiles;
+    double s = 0.0;
+    for (int64_t k = 0; k < t.col_tiles; ++k) s += p[k];
+    const int64_t at = b * t.rows + i;
+    const float r = adafactor_stat_update(load<S>(t.row, at),
+                                          static_cast<float>(s / static_cast<double>(t.cols)), sw,
+                                          h.transformers);
+    store<S>(t.row, at, r);
+    rf[i] = r;  // replaced by the factor once the mean is known
+    sum_r += r;
+  }
+  sum_r = cuda::block_reduce<kThreads>(sum_r, [](double p, double q) { return p + q; });
+  if (threadIdx.x == 0) mean_r = static_cast<float>(sum_r / static_cast<double>(t.rows));
+  __syncthreads();
+  const float eps1 = static_cast<float>(h.eps1);
+  for (int64_t i = threadIdx.x; i < t.rows; i += kThreads) {
+    rf[i] = adafactor_row_factor(rf[i], mean_r, eps1, h.transformers);
+  }
+  for (int64_t j = threadIdx.x; j < t.cols; j += kThreads) {
+    const float* p = a.col_partials + t.col_partials + (b * t.cols + j) * t.row_tiles;
+    double s = 0.0;
+    for (int64_t k = 0; k < t.row_tiles; ++k) s += p[k];
+    const int64_t at = b * t.cols + j;
+    const float c = adafactor_stat_update(load<S>(t.col, at),
+                                          static_cast<float>(s / static_cast<double>(t.rows)), sw,
+                                          h.transformers);
+    store<S>(t.col, at, c);
+    cf[j] = adafactor_col_factor(c, h.transformers);
+  }
+}
+
+// Phase 3, one block per tile: the partial sum of u^2.
+template <typename P, typename S>
+__global__ void __launch_bounds__(kThreads) unorm_kernel(AdafactorArgs a) {
+  if (skipped(a)) return;
+  const int64_t w = blockIdx.x;
+  const WorkItem item = a.tiles[w];
+  const AdafactorTensor t = a.tensors[item.tensor];
+  const Tile x = tile_of(t, item.chunk);
+  const float mult = grad_multiplier(a.maximize, a.grad_scale, a.clip_coef);
+  const float eps1_sq = eps1_squared(a);
+  double acc = 0.0;
+  for (int64_t e = threadIdx.x; e < x.n_rows * x.n_cols; e += kThreads) {
+    const int64_t k = e / x.n_cols, j = e % x.n_cols;
+    const float u = u_at<P, S>(a, t, x, k, j, element(t, x, k, j), mult, eps1_sq);
+    acc += static_cast<double>(u * u);
+  }
+  acc = cuda::block_reduce<kThreads>(acc, [](double p, double q) { return p + q; });
+  if (threadIdx.x == 0) a.tile_partials[2 * w + 1] = acc;
+}
+
+// Phase 4, one block per tensor: its tiles' partials in a fixed order, the apply scalars, the
+// RMS state; advances the step (no other phase reads it after this one).
+__global__ void __launch_bounds__(kThreads) scalars_kernel(AdafactorArgs a) {
+  if (skipped(a)) return;
+  const int32_t i = blockIdx.x;
+  const AdafactorTensor t = a.tensors[i];
+  const int64_t end = i + 1 < a.n_tensors ? a.tensors[i + 1].first_tile : a.n_tiles;
+  double theta_sq = 0.0, u_sq = 0.0;
+  for (int64_t k = t.first_tile + threadIdx.x; k < end; k += kThreads) {
+    theta_sq += a.tile_partials[2 * k];
+    u_sq += a.tile_partials[2 * k + 1];
+  }
+  const auto add = [](double p, double q) { return p + q; };
+  theta_sq = cuda::block_reduce<kThreads>(theta_sq, add);
+  __syncthreads();  // block_reduce's shared buffer is reused by the second reduction
+  u_sq = cuda::block_reduce<kThreads>(u_sq, add);
+  if (threadIdx.x == 0) {
+    double lr = a.lr;
+    if (a.lr_ptr != nullptr) {
+      lr = a.lr_is_f64 ? *static_cast<const double*>(a.lr_ptr)
+                       : static_cast<double>(*static_cast<const float*>(a.lr_ptr));
+    }
+    const float step = *t.step;
+    float rms = 0.0f;
+    if (t.numel > 0) {
+      a.apply[i] = adafactor_apply_scalars(a.hyper, theta_sq, u_sq, t.numel, step + 1.0, lr, &rms);
+    }
+    if (t.rms != nullptr) *t.rms = rms;
+    *t.step = step + 1.0f;
+  }
+}
+
+// Phase 5, one block per tile: the update of every element.
+template <typename P, typename S>
+__global__ void __launch_bounds__(kThreads) apply_kernel(AdafactorArgs a) {
+  if (skipped(a)) return;
+  const WorkItem item = a.tiles[blockIdx.x];
+  const AdafactorTensor t = a.tensors[item.tensor];
+  const Tile x = tile_of(t, item.chunk);
+  const float mult = grad_multiplier(a.maximize, a.grad_scale, a.clip_coef);
+  const float eps1_sq = eps1_squared(a);
+  const AdafactorApply s = a.apply[item.tensor];
+  const bool momentum = a.hyper.has_beta1;
+  for (int64_t e = threadIdx.x; e < x.n_rows * x.n_cols; e += kThreads) {
+    const int64_t k = e / x.n_cols, j = e % x.n_cols;
+    const int64_t at = element(t, x, k, j);
+    const float u = u_at<P, S>(a, t, x, k, j, at, mult, eps1_sq);
+    float theta = load<P>(t.param, at);
+    float m = momentum ? load<S>(t.exp_avg, at) : 0.0f;
+    adafactor_apply(theta, u, m, s, a.hyper);
+    store<P>(t.param, at, theta);
+    if (momentum) store<S>(t.exp_avg, at, m);
+  }
+}
+
+template <typename P, typename S>
+void launch_all(const AdafactorArgs& a, cudaStream_t stream) {
+  const unsigned int tiles = cuda::grid_for_items(a.n_tiles, "adafactor_cuda");
+  stats_kernel<P, S><<<tiles, kThreads, 0, stream>>>(a);
+  if (a.n_matrices > 0) {
+    const unsigned int matrices = cuda::grid_for_items(a.n_matrices, "adafactor_cuda");
+    factors_kernel<S><<<matrices, kThreads, 0, stream>>>(a);
+  }
+  unorm_kernel<P, S><<<tiles, kThreads, 0, stream>>>(a);
+  scalars_kernel<<<static_cast<unsigned int>(a.n_tensors), kThreads, 0, stream>>>(a);
+  apply_kernel<P, S><<<tiles, kThreads, 0, stream>>>(a);
+}
+
+}  // namespace
+
+void adafactor_cuda(const AdafactorArgs& args, cudaStream_t stream) {
+  if (args.n_tensors == 0) return;
+  if (args.tensors == nullptr || args.tiles == nullptr || args.tile_partials == nullptr ||
+      args.apply == nullptr) {
+    throw std::invalid_argument("fused_optim: adafactor_cuda: missing plan or scratch buffers");
+  }
+  cuda::dispatch_dtype(args.param_dtype, [&](auto param_tag) {
+    cuda::dispatch_dtype(args.state_dtype, [&](auto state_tag) {
+      launch_all<typename decltype(param_tag)::type, typename decltype(state_tag)::type>(args,
+                                                                                         stream);
+    });
+  });
+  cuda::check_launch("adafactor_cuda");
+}
+
+}  // namespace fused_optim

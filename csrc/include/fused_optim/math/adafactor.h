@@ -1,0 +1,178 @@
+// Adafactor math (ALGORITHMS.md section 3), THE one copy for the CPU kernels (csrc/cpu) and the
+// CUDA kernels (csrc/cuda); triton_kernels/_adafactor.py has the same functions in Triton.
+//
+// Both flavours run the same five phases; only per-step scalars and where eps1 enters differ.
+// A tensor with ndim >= 2 is B matrices of n x m (its last two dims, leading dims as batch);
+// ndim < 2 keeps a full second moment v. Per element g is the gradient times grad_multiplier
+// (math/adam.h: sign, GradScaler unscale, clip) and t the new step.
+//   1 stats     per tile of a matrix: row sums and column sums of s, sum of theta^2;
+//               full tensors: v <- update(v, s) in place, sum of theta^2
+//   2 factors   per matrix: row/col states <- update(state, sum / count), then the O(n + m)
+//               factors rf_i, cf_j of the update (below)
+//   3 unorm     per tile: sum of u^2
+//   4 scalars   per tensor: RMS(theta), RMS(u) -> the apply scalars; advances the step
+//   5 apply     per element: theta update (and HF's momentum)
+// s = g^2 (torch) or g^2 + eps1 (transformers). update() is torch.lerp(state, s, w) with
+// w = t^beta2_decay (torch), or beta2t * state + (1 - beta2t) * s with beta2t = 1 - t^decay_rate
+// (transformers).
+// u per element: torch  factored  g * rsqrt(max(rf_i * cf_j, eps1^2)), rf_i = r_i / max(mean r,
+//                                 eps1), cf_j = c_j
+//                        full      g * rsqrt(max(v, eps1^2))
+//                transformers      g * rf_i * cf_j, rf_i = rsqrt(r_i / mean r), cf_j = rsqrt(c_j)
+//                        full      g * rsqrt(v)
+// Precision rule: the factors are normalised before they meet, never rsqrt(r_i * c_j / mean r)
+// from raw products (underflow, and NaN for an all-zero gradient matrix).
+#pragma once
+
+#include <math.h>
+#include <stdint.h>
+
+#include "fused_optim/macros.h"
+
+namespace fused_optim {
+
+// ---- Tiles -------------------------------------------------------------------------------
+// A tile is a block of rows x cols of ONE matrix (a full tensor's tile is a flat range).
+// Statistics are per-tile partial sums, combined in a fixed order by the next phase.
+constexpr int64_t kAdafactorTileCols = 256;
+constexpr int64_t kAdafactorTileElems = 8192;
+
+struct TileShape {
+  int64_t rows, cols;
+};
+
+// rows x cols of the tiles of an n x m matrix (n, m >= 1): up to 256 columns wide, and as many
+// rows as fit kAdafactorTileElems, so narrow matrices still get full tiles.
+FO_HOST_DEVICE TileShape adafactor_tile_shape(int64_t n, int64_t m) {
+  const int64_t cols = m < kAdafactorTileCols ? m : kAdafactorTileCols;
+  const int64_t fit = kAdafactorTileElems / cols;
+  return TileShape{n < fit ? n : fit, cols};
+}
+
+// ---- Per-step scalars ----------------------------------------------------------------------
+
+// How much of the new statistics enters the second-moment average in step t: torch's lerp
+// weight w = t^beta2_decay, transformers' 1 - beta2t = t^decay_rate and beta2t itself, each
+// rounded to fp32 from double as the peers' Python scalars are.
+struct AdafactorStatWeights {
+  float w;     // weight of the new mean
+  float keep;  // transformers: beta2t = 1 - t^decay_rate, the weight of the old value
+};
+
+FO_HOST_DEVICE AdafactorStatWeights adafactor_stat_weights(double t, double decay) {
+  const double w = pow(t, decay);
+  return AdafactorStatWeights{static_cast<float>(w), static_cast<float>(1.0 - w)};
+}
+
+// torch.lerp's two-sided formula (exact at w = 1), as torch.optim.Adafactor updates its states.
+FO_HOST_DEVICE float lerp(float a, float b, float w) {
+  return fabsf(w) < 0.5f ? a + w * (b - a) : b - (b - a) * (1.0f - w);
+}
+
+// The new value of a second-moment statistic from its old value and the new mean of s.
+FO_HOST_DEVICE float adafactor_stat_update(float old, float mean, AdafactorStatWeights sw,
+                                           bool transformers) {
+  if (transformers) return sw.keep * old + sw.w * mean;
+  return lerp(old, mean, sw.w);
+}
+
+// s of one gradient element (eps1_add: transformers' eps1, 0 for torch).
+FO_HOST_DEVICE float adafactor_square(float g, float eps1_add) { return g * g + eps1_add; }
+
+// 1 / sqrt(x), IEEE (as torch.rsqrt on the CPU), propagating NaN.
+FO_HOST_DEVICE float rsqrt_ieee(float x) { return 1.0f / sqrtf(x); }
+
+// max(x, floor) that keeps a NaN x (a select, not fmaxf).
+FO_HOST_DEVICE float clamp_min_nan(float x, float floor) { return x < floor ? floor : x; }
+
+// The row factor rf_i from r_i and the mean of r over the matrix's rows (in fp32).
+FO_HOST_DEVICE float adafactor_row_factor(float r, float mean_r, float eps1, bool transformers) {
+  if (transformers) return rsqrt_ieee(r / mean_r);
+  return r / clamp_min_nan(mean_r, eps1);
+}
+
+FO_HOST_DEVICE float adafactor_col_factor(float c, bool transformers) {
+  return transformers ? rsqrt_ieee(c) : c;
+}
+
+// u of one element. Factored: f1 = rf_i, f2 = cf_j. Full: f1 = v, f2 unused.
+FO_HOST_DEVICE float adafactor_u(float g, float f1, float f2, bool factored, bool transformers,
+                                 float eps1_sq) {
+  if (factored) {
+    if (transformers) return (g * f1) * f2;
+    return g * rsqrt_ieee(clamp_min_nan(f1 * f2, eps1_sq));
+  }
+  return g * rsqrt_ieee(transformers ? f1 : clamp_min_nan(f1, eps1_sq));
+}
+
+// Hyper-parameters of a call (host values; lr may instead come from device memory).
+struct AdafactorHyper {
+  bool transformers = false;
+  double eps1 = 1e-30;  // torch: finfo(param dtype).eps when the user gave None
+  double eps2 = 1e-3;
+  double decay = -0.8;  // torch: beta2_decay; transformers: decay_rate
+  double d = 1.0;       // torch: d; transformers: clip_threshold
+  double weight_decay = 0.0;
+  double beta1 = 0.0;  // transformers, with has_beta1
+  bool has_beta1 = false;
+  bool relative_step = false, scale_parameter = false, warmup_init = false;  // transformers
+};
+
+// What phase 5 applies to every element of one tensor.
+struct AdafactorApply {
+  float scale;  // the factor of u: alpha / max(1, RMS(u) / d)
+  float decay;  // torch: theta *= decay (1 - lr * wd); transformers: theta -= decay * theta
+};
+
+// Phase 4: the apply scalars of a tensor from sum(theta^2), sum(u^2), its numel, the new step
+// and lr. rms_theta receives RMS(theta) (transformers' RMS state).
+FO_HOST_DEVICE AdafactorApply adafactor_apply_scalars(const AdafactorHyper& h, double sum_theta_sq,
+                                                      double sum_u_sq, int64_t numel, double t,
+                                                      double lr, float* rms_theta) {
+  const double n = static_cast<double>(numel);
+  // RMS in fp32, as the peers take x.norm() / sqrt(numel) in the tensor's (fp32) math dtype.
+  const float rms = static_cast<float>(sqrt(sum_theta_sq) / sqrt(n));
+  const float rms_u = static_cast<float>(sqrt(sum_u_sq) / sqrt(n));
+  *rms_theta = rms;
+  double rho;
+  if (!h.transformers) {
+    rho = fmin(lr, 1.0 / sqrt(t));
+  } else if (h.relative_step) {
+    rho = fmin(h.warmup_init ? 1e-6 * t : 1e-2, 1.0 / sqrt(t));
+  } else {
+    rho = lr;
+  }
+  const float eps2 = static_cast<float>(h.eps2);
+  float alpha = static_cast<float>(rho);
+  if (!h.transformers || h.scale_parameter) alpha = clamp_min_nan(rms, eps2) * alpha;
+  const float denom = clamp_min_nan(rms_u / static_cast<float>(h.d), 1.0f);
+  AdafactorApply a;
+  a.scale = alpha / denom;
+  if (h.transformers) {
+    a.decay = static_cast<float>(h.weight_decay) * alpha;
+  } else {
+    a.decay = static_cast<float>(1.0 - lr * h.weight_decay);
+  }
+  return a;
+}
+
+// Phase 5 for one element. m (transformers' exp_avg) is touched only with has_beta1.
+FO_HOST_DEVICE void adafactor_apply(float& theta, float u, float& m, const AdafactorApply& a,
+                                    const AdafactorHyper& h) {
+  if (!h.transformers) {
+    // Skipped without decay (not theta * 1): keeps -0 and the peers' exact arithmetic.
+    if (h.weight_decay != 0.0) theta = theta * a.decay;
+    theta = theta - a.scale * u;
+    return;
+  }
+  float step = a.scale * u;
+  if (h.has_beta1) {
+    const float beta1 = static_cast<float>(h.beta1);
+    m = beta1 * m + static_cast<float>(1.0 - h.beta1) * step;
+    step = m;
+  }
+  if (h.weight_decay != 0.0) theta = theta - a.decay * theta;
+  theta = theta - step;
+}
+
+}  // namespace fused_optim

@@ -1,0 +1,156 @@
+// The machinery every operator binding shares (csrc/ops/<algorithm>.cpp): input checks, dense
+// working copies for unusual memory layouts, the multi-tensor work plan and running it on the
+// CPU kernels (csrc/cpu) or uploading it and launching the CUDA kernels (csrc/cuda).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstring>
+#include <optional>
+#include <utility>
+#include <vector>
+
+#include "device_plan.h"
+#include "fused_optim/kernels.h"
+
+#ifdef FO_WITH_CUDA
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#endif
+
+namespace fused_optim {
+
+inline DType to_dtype(const at::Tensor& t, const char* what) {
+  switch (t.scalar_type()) {
+    case at::kFloat:
+      return DType::kFloat32;
+    case at::kHalf:
+      return DType::kFloat16;
+    case at::kBFloat16:
+      return DType::kBFloat16;
+    default:
+      TORCH_CHECK_TYPE(false, "fused_optim: ", what, " has dtype ", t.scalar_type(),
+                       "; supported dtypes are float32, float16 and bfloat16");
+  }
+}
+
+inline void check_plain(const at::Tensor& t, const char* what, int64_t i) {
+  TORCH_CHECK(t.defined(), "fused_optim: ", what, "[", i, "] is undefined");
+  TORCH_CHECK(t.layout() == at::kStrided, "fused_optim: ", what, "[", i,
+              "] is sparse; fused optimizers support dense tensors only");
+  TORCH_CHECK_TYPE(!t.is_complex(), "fused_optim: ", what, "[", i,
+                   "] is complex; view it as real (torch.view_as_real) first");
+}
+
+inline void check_same_device(const at::Tensor& t, const at::Device& device, const char* what,
+                              int64_t i) {
+  TORCH_CHECK(t.device() == device, "fused_optim: ", what, "[", i, "] is on ", t.device(),
+              " but params[0] is on ", device, "; one call takes tensors of one device");
+}
+
+inline void check_scalar_tensor(const std::optional<at::Tensor>& t, const at::Device& device,
+                                const char* what) {
+  if (!t.has_value()) return;
+  TORCH_CHECK(t->numel() == 1 && t->scalar_type() == at::kFloat, "fused_optim: ", what,
+              " must be a one-element float32 tensor, got ", t->scalar_type(), " with ", t->numel(),
+              " elements");
+  TORCH_CHECK(t->device() == device, "fused_optim: ", what, " is on ", t->device(),
+              " but the params are on ", device);
+}
+
+inline const float* ptr_or_null(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? t->data_ptr<float>() : nullptr;
+}
+
+// The kernels walk each tensor as flat memory, so all tensors of one index must share one
+// dense layout. Params, grads and states almost always do; when one does not (a strided
+// view param, a grad assigned with other strides) it goes through a dense working copy.
+class Layouts {
+ public:
+  // Returns the tensor to hand to the kernel for `t`, laid out like `ref`.
+  at::Tensor use(const at::Tensor& t, const at::Tensor& ref, bool written) {
+    if (t.is_non_overlapping_and_dense() && t.strides() == ref.strides()) return t;
+    // ref's layout, t's dtype (states may be fp32 under 16-bit params)
+    at::Tensor work = at::empty_like(ref, ref.options().dtype(t.scalar_type()));
+    work.copy_(t);
+    keep_alive_.push_back(work);  // the kernel reads it after this returns
+    if (written) write_back_.emplace_back(t, work);
+    return work;
+  }
+  // The layout the kernel uses for a param: its own when dense, else contiguous.
+  static at::Tensor reference(const at::Tensor& param) {
+    return param.is_non_overlapping_and_dense()
+               ? param
+               : at::empty_like(param, at::MemoryFormat::Contiguous);
+  }
+  // Returns `t` when it is contiguous, else a contiguous working copy (row-major order is what
+  // a kernel walking rows and columns needs, whatever the param's own layout).
+  at::Tensor contiguous(const at::Tensor& t, bool written) {
+    if (t.is_contiguous()) return t;
+    at::Tensor work = t.contiguous();
+    keep_alive_.push_back(work);
+    if (written) write_back_.emplace_back(t, work);
+    return work;
+  }
+  void finish() {
+    for (auto& [dst, src] : write_back_) dst.copy_(src);
+  }
+  bool used() const { return !keep_alive_.empty(); }
+
+ private:
+  std::vector<at::Tensor> keep_alive_;
+  std::vector<std::pair<at::Tensor, at::Tensor>> write_back_;
+};
+
+inline std::vector<WorkItem> make_items(const std::vector<int64_t>& numels) {
+  std::vector<WorkItem> items;
+  for (size_t i = 0; i < numels.size(); ++i) {
+    const int64_t chunks = num_chunks(numels[i]);
+    TORCH_CHECK(chunks <= INT32_MAX, "fused_optim: tensor ", i, " is too large");
+    for (int64_t c = 0; c < chunks; ++c) {
+      items.push_back({static_cast<int32_t>(i), static_cast<int32_t>(c)});
+    }
+  }
+  return items;
+}
+
+// Records followed by work items, in one buffer (one upload on CUDA).
+template <typename Record>
+std::vector<uint8_t> pack_plan(const std::vector<Record>& records,
+                               const std::vector<WorkItem>& items) {
+  const size_t rec_bytes = records.size() * sizeof(Record);
+  std::vector<uint8_t> bytes(rec_bytes + items.size() * sizeof(WorkItem));
+  std::memcpy(bytes.data(), records.data(), rec_bytes);
+  std::memcpy(bytes.data() + rec_bytes, items.data(), items.size() * sizeof(WorkItem));
+  return bytes;
+}
+
+// Runs `cpu(args)` or, on CUDA, uploads the plan and runs `cuda(args, stream)`.
+template <typename Args, typename Record, typename CpuFn, typename CudaFn>
+void run_plan(Args args, const std::vector<Record>& records, const std::vector<WorkItem>& items,
+              const at::Device& device, CpuFn cpu, CudaFn cuda, int32_t** counters = nullptr) {
+  args.n_tensors = static_cast<int32_t>(records.size());
+  args.n_items = static_cast<int64_t>(items.size());
+  if (device.is_cpu()) {
+    args.tensors = records.data();
+    args.items = items.data();
+    cpu(args);
+    return;
+  }
+#ifdef FO_WITH_CUDA
+  TORCH_CHECK(device.is_cuda(), "fused_optim: unsupported device ", device);
+  c10::cuda::CUDAGuard guard(device);
+  const DevicePlan plan = upload_plan(pack_plan(records, items), records.size() * sizeof(Record),
+                                      args.n_tensors, device);
+  args.tensors = static_cast<const Record*>(plan.records);
+  args.items = static_cast<const WorkItem*>(plan.items);
+  if (counters != nullptr) *counters = plan.counters;
+  cuda(args, c10::cuda::getCurrentCUDAStream(device.index()).stream());
+#else
+  (void)cuda;
+  (void)counters;
+  TORCH_CHECK(false, "fused_optim: this build has no CUDA kernels (device ", device, ")");
+#endif
+}
+
+}  // namespace fused_optim
