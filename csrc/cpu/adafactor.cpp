@@ -56,55 +56,52 @@ float sum_lanes(const float (&lanes)[kLanes]) {
 FO_CPU_ISA_VARIANTS(FO_DEFINE_STATS_ROW)
 #undef FO_DEFINE_STATS_ROW
 
-// Phase 3 on one row: the sum of u^2. Factored: f1 = the row's factor, f2 = column factors;
-// full: f2 = v (f1 unused).
-#define FO_DEFINE_UNORM_ROW(suffix, attrs)                                                       \
-  template <typename P, typename S, bool kFactored, bool kHf>                                    \
-  attrs float unorm_row_##suffix(const P* __restrict__ grad, const float* __restrict__ cf,       \
-                                 const S* __restrict__ v, float rf, int64_t n, float mult,       \
-                                 float eps1_sq) {                                                \
-    float lanes[kLanes] = {};                                                                    \
-    int64_t j = 0;                                                                               \
-    for (; j + kLanes <= n; j += kLanes) {                                                       \
-      for (int l = 0; l < kLanes; ++l) {                                                         \
-        const float g = static_cast<float>(grad[j + l]) * mult;                                  \
-        const float u =                                                                          \
-            kFactored ? adafactor_u(g, rf, cf[j + l], true, kHf, eps1_sq)                        \
-                      : adafactor_u(g, static_cast<float>(v[j + l]), 0.0f, false, kHf, eps1_sq); \
-        lanes[l] += u * u;                                                                       \
-      }                                                                                          \
-    }                                                                                            \
-    float acc = sum_lanes(lanes);                                                                \
-    for (; j < n; ++j) {                                                                         \
-      const float g = static_cast<float>(grad[j]) * mult;                                        \
-      const float u = kFactored                                                                  \
-                          ? adafactor_u(g, rf, cf[j], true, kHf, eps1_sq)                        \
-                          : adafactor_u(g, static_cast<float>(v[j]), 0.0f, false, kHf, eps1_sq); \
-      acc += u * u;                                                                              \
-    }                                                                                            \
-    return acc;                                                                                  \
+// Phase 3 on one row: the sum of u^2. Factored: rr = the row's factor, rc = the column
+// factors; full: v (rr, rc unused).
+#define FO_DEFINE_UNORM_ROW(suffix, attrs)                                                  \
+  template <typename P, typename S, bool kFactored>                                         \
+  attrs float unorm_row_##suffix(const P* __restrict__ grad, const float* __restrict__ rc,  \
+                                 const S* __restrict__ v, float rr, int64_t n, float mult,  \
+                                 float cap) {                                               \
+    float lanes[kLanes] = {};                                                               \
+    int64_t j = 0;                                                                          \
+    for (; j + kLanes <= n; j += kLanes) {                                                  \
+      for (int l = 0; l < kLanes; ++l) {                                                    \
+        const float g = static_cast<float>(grad[j + l]) * mult;                             \
+        const float u = kFactored ? adafactor_u_factored(g, rr, rc[j + l], cap)             \
+                                  : adafactor_u_full(g, static_cast<float>(v[j + l]), cap); \
+        lanes[l] += u * u;                                                                  \
+      }                                                                                     \
+    }                                                                                       \
+    float acc = sum_lanes(lanes);                                                           \
+    for (; j < n; ++j) {                                                                    \
+      const float g = static_cast<float>(grad[j]) * mult;                                   \
+      const float u = kFactored ? adafactor_u_factored(g, rr, rc[j], cap)                   \
+                                : adafactor_u_full(g, static_cast<float>(v[j]), cap);       \
+      acc += u * u;                                                                         \
+    }                                                                                       \
+    return acc;                                                                             \
   }
 FO_CPU_ISA_VARIANTS(FO_DEFINE_UNORM_ROW)
 #undef FO_DEFINE_UNORM_ROW
 
 // Phase 5 on one row: recomputes u and applies the update (and transformers' momentum).
-#define FO_DEFINE_APPLY_ROW(suffix, attrs)                                                       \
-  template <typename P, typename S, bool kFactored, bool kHf, bool kMomentum>                    \
-  attrs void apply_row_##suffix(P* __restrict__ theta, const P* __restrict__ grad,               \
-                                const float* __restrict__ cf, const S* __restrict__ v,           \
-                                S* __restrict__ exp_avg, float rf, int64_t n, float mult,        \
-                                float eps1_sq, const AdafactorApply a, const AdafactorHyper h) { \
-    for (int64_t j = 0; j < n; ++j) {                                                            \
-      const float g = static_cast<float>(grad[j]) * mult;                                        \
-      const float u = kFactored                                                                  \
-                          ? adafactor_u(g, rf, cf[j], true, kHf, eps1_sq)                        \
-                          : adafactor_u(g, static_cast<float>(v[j]), 0.0f, false, kHf, eps1_sq); \
-      float x = static_cast<float>(theta[j]);                                                    \
-      float m = kMomentum ? static_cast<float>(exp_avg[j]) : 0.0f;                               \
-      adafactor_apply(x, u, m, a, h);                                                            \
-      theta[j] = static_cast<P>(x);                                                              \
-      if (kMomentum) exp_avg[j] = static_cast<S>(m);                                             \
-    }                                                                                            \
+#define FO_DEFINE_APPLY_ROW(suffix, attrs)                                                \
+  template <typename P, typename S, bool kFactored, bool kHf, bool kMomentum>             \
+  attrs void apply_row_##suffix(P* __restrict__ theta, const P* __restrict__ grad,        \
+                                const float* __restrict__ rc, const S* __restrict__ v,    \
+                                S* __restrict__ exp_avg, float rr, int64_t n, float mult, \
+                                float cap, const AdafactorApply a) {                      \
+    for (int64_t j = 0; j < n; ++j) {                                                     \
+      const float g = static_cast<float>(grad[j]) * mult;                                 \
+      const float u = kFactored ? adafactor_u_factored(g, rr, rc[j], cap)                 \
+                                : adafactor_u_full(g, static_cast<float>(v[j]), cap);     \
+      float x = static_cast<float>(theta[j]);                                             \
+      float m = kMomentum ? static_cast<float>(exp_avg[j]) : 0.0f;                        \
+      adafactor_apply<kHf, kMomentum>(x, u, m, a);                                        \
+      theta[j] = static_cast<P>(x);                                                       \
+      if (kMomentum) exp_avg[j] = static_cast<S>(m);                                      \
+    }                                                                                     \
   }
 FO_CPU_ISA_VARIANTS(FO_DEFINE_APPLY_ROW)
 #undef FO_DEFINE_APPLY_ROW
@@ -150,14 +147,14 @@ template <typename P, typename S>
 struct Phases {
   const AdafactorArgs& a;
   const AdafactorHyper& h;
-  float mult, add, eps1_sq;
+  float mult, add, cap;
 
   explicit Phases(const AdafactorArgs& args)
       : a(args),
         h(args.hyper),
         mult(grad_multiplier(args.maximize, args.grad_scale, args.clip_coef)),
         add(args.hyper.transformers ? static_cast<float>(args.hyper.eps1) : 0.0f),
-        eps1_sq(static_cast<float>(args.hyper.eps1 * args.hyper.eps1)) {}
+        cap(adafactor_u_cap(args.hyper.eps1, args.hyper.transformers)) {}
 
   // Phase 1: per tile, partial row/column sums of s (factored) or v updated in place (full),
   // and the partial sum of theta^2.
@@ -242,21 +239,18 @@ struct Phases {
           const float c =
               adafactor_stat_update(static_cast<float>(col[j]), mean, sw, h.transformers);
           col[j] = static_cast<S>(c);
-          cf[j] = adafactor_col_factor(c, h.transformers);
+          cf[j] = adafactor_col_factor(c);
         }
       }
     });
   }
 
   // Phase 3: per tile, the partial sum of u^2.
-  template <bool kHf>
   void unorm() {
-    static const auto fac =
-        pick_isa(unorm_row_base<P, S, true, kHf>, unorm_row_avx2<P, S, true, kHf>,
-                 unorm_row_avx512<P, S, true, kHf>);
-    static const auto full =
-        pick_isa(unorm_row_base<P, S, false, kHf>, unorm_row_avx2<P, S, false, kHf>,
-                 unorm_row_avx512<P, S, false, kHf>);
+    static const auto fac = pick_isa(unorm_row_base<P, S, true>, unorm_row_avx2<P, S, true>,
+                                     unorm_row_avx512<P, S, true>);
+    static const auto full = pick_isa(unorm_row_base<P, S, false>, unorm_row_avx2<P, S, false>,
+                                      unorm_row_avx512<P, S, false>);
     at::parallel_for(0, a.n_tiles, 1, [&](int64_t begin, int64_t end) {
       for (int64_t w = begin; w < end; ++w) {
         const WorkItem item = a.tiles[w];
@@ -269,11 +263,11 @@ struct Phases {
           const float* cf = a.factors + t.factors + t.batch * t.rows + x.b * t.cols + x.col0;
           for (int64_t k = 0; k < x.n_rows; ++k) {
             const int64_t row = x.row0 + k;
-            acc += fac(grad + element(t, x, row), cf, nullptr, rf[row], x.n_cols, mult, eps1_sq);
+            acc += fac(grad + element(t, x, row), cf, nullptr, rf[row], x.n_cols, mult, cap);
           }
         } else if (x.n_cols > 0) {
           acc = full(grad + x.col0, nullptr, static_cast<const S*>(t.full) + x.col0, 0.0f, x.n_cols,
-                     mult, eps1_sq);
+                     mult, cap);
         }
         a.tile_partials[2 * w + 1] = acc;
       }
@@ -327,12 +321,12 @@ struct Phases {
             const int64_t row = x.row0 + k;
             const int64_t e = element(t, x, row);
             fac(theta + e, grad + e, cf, nullptr, kMomentum ? exp_avg + e : nullptr, rf[row],
-                x.n_cols, mult, eps1_sq, s, h);
+                x.n_cols, mult, cap, s);
           }
         } else {
           const int64_t e = x.col0;
           full(theta + e, grad + e, nullptr, static_cast<const S*>(t.full) + e,
-               kMomentum ? exp_avg + e : nullptr, 0.0f, x.n_cols, mult, eps1_sq, s, h);
+               kMomentum ? exp_avg + e : nullptr, 0.0f, x.n_cols, mult, cap, s);
         }
       }
     });
@@ -342,11 +336,7 @@ struct Phases {
     const double lr = read_lr(a);
     stats();
     factors();
-    if (h.transformers) {
-      unorm<true>();
-    } else {
-      unorm<false>();
-    }
+    unorm();
     scalars(lr);
     if (!h.transformers) {
       apply<false, false>();

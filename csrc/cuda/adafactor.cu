@@ -69,23 +69,22 @@ __device__ __forceinline__ void store(void* p, int64_t i, float x) {
 template <typename P, typename S>
 __device__ __forceinline__ float u_at(const AdafactorArgs& a, const AdafactorTensor& t,
                                       const Tile& x, int64_t k, int64_t j, int64_t e, float mult,
-                                      float eps1_sq) {
+                                      float cap) {
   const float g = load<P>(t.grad, e) * mult;
-  const bool hf = a.hyper.transformers;
   if (t.factored) {
-    const float rf = a.factors[t.factors + x.b * t.rows + x.row0 + k];
-    const float cf = a.factors[t.factors + t.batch * t.rows + x.b * t.cols + x.col0 + j];
-    return adafactor_u(g, rf, cf, true, hf, eps1_sq);
+    const float rr = a.factors[t.factors + x.b * t.rows + x.row0 + k];
+    const float rc = a.factors[t.factors + t.batch * t.rows + x.b * t.cols + x.col0 + j];
+    return adafactor_u_factored(g, rr, rc, cap);
   }
-  return adafactor_u(g, load<S>(t.full, e), 0.0f, false, hf, eps1_sq);
+  return adafactor_u_full(g, load<S>(t.full, e), cap);
 }
 
 __device__ __forceinline__ float eps1_add(const AdafactorArgs& a) {
   return a.hyper.transformers ? static_cast<float>(a.hyper.eps1) : 0.0f;
 }
 
-__device__ __forceinline__ float eps1_squared(const AdafactorArgs& a) {
-  return static_cast<float>(a.hyper.eps1 * a.hyper.eps1);
+__device__ __forceinline__ float u_cap(const AdafactorArgs& a) {
+  return adafactor_u_cap(a.hyper.eps1, a.hyper.transformers);
 }
 
 // Phase 1, one block per tile. A factored tile's s values are staged in shared memory, then
@@ -193,7 +192,7 @@ __global__ void __launch_bounds__(kThreads) factors_kernel(AdafactorArgs a) {
                                           static_cast<float>(s / static_cast<double>(t.rows)), sw,
                                           h.transformers);
     store<S>(t.col, at, c);
-    cf[j] = adafactor_col_factor(c, h.transformers);
+    cf[j] = adafactor_col_factor(c);
   }
 }
 
@@ -206,11 +205,11 @@ __global__ void __launch_bounds__(kThreads) unorm_kernel(AdafactorArgs a) {
   const AdafactorTensor t = a.tensors[item.tensor];
   const Tile x = tile_of(t, item.chunk);
   const float mult = grad_multiplier(a.maximize, a.grad_scale, a.clip_coef);
-  const float eps1_sq = eps1_squared(a);
+  const float cap = u_cap(a);
   double acc = 0.0;
   for (int64_t e = threadIdx.x; e < x.n_rows * x.n_cols; e += kThreads) {
     const int64_t k = e / x.n_cols, j = e % x.n_cols;
-    const float u = u_at<P, S>(a, t, x, k, j, element(t, x, k, j), mult, eps1_sq);
+    const float u = u_at<P, S>(a, t, x, k, j, element(t, x, k, j), mult, cap);
     acc += static_cast<double>(u * u);
   }
   acc = cuda::block_reduce<kThreads>(acc, [](double p, double q) { return p + q; });
@@ -250,25 +249,24 @@ __global__ void __launch_bounds__(kThreads) scalars_kernel(AdafactorArgs a) {
 }
 
 // Phase 5, one block per tile: the update of every element.
-template <typename P, typename S>
+template <typename P, typename S, bool kHf, bool kMomentum>
 __global__ void __launch_bounds__(kThreads) apply_kernel(AdafactorArgs a) {
   if (skipped(a)) return;
   const WorkItem item = a.tiles[blockIdx.x];
   const AdafactorTensor t = a.tensors[item.tensor];
   const Tile x = tile_of(t, item.chunk);
   const float mult = grad_multiplier(a.maximize, a.grad_scale, a.clip_coef);
-  const float eps1_sq = eps1_squared(a);
+  const float cap = u_cap(a);
   const AdafactorApply s = a.apply[item.tensor];
-  const bool momentum = a.hyper.has_beta1;
   for (int64_t e = threadIdx.x; e < x.n_rows * x.n_cols; e += kThreads) {
     const int64_t k = e / x.n_cols, j = e % x.n_cols;
     const int64_t at = element(t, x, k, j);
-    const float u = u_at<P, S>(a, t, x, k, j, at, mult, eps1_sq);
+    const float u = u_at<P, S>(a, t, x, k, j, at, mult, cap);
     float theta = load<P>(t.param, at);
-    float m = momentum ? load<S>(t.exp_avg, at) : 0.0f;
-    adafactor_apply(theta, u, m, s, a.hyper);
+    float m = kMomentum ? load<S>(t.exp_avg, at) : 0.0f;
+    adafactor_apply<kHf, kMomentum>(theta, u, m, s);
     store<P>(t.param, at, theta);
-    if (momentum) store<S>(t.exp_avg, at, m);
+    if (kMomentum) store<S>(t.exp_avg, at, m);
   }
 }
 
@@ -282,7 +280,13 @@ void launch_all(const AdafactorArgs& a, cudaStream_t stream) {
   }
   unorm_kernel<P, S><<<tiles, kThreads, 0, stream>>>(a);
   scalars_kernel<<<static_cast<unsigned int>(a.n_tensors), kThreads, 0, stream>>>(a);
-  apply_kernel<P, S><<<tiles, kThreads, 0, stream>>>(a);
+  if (!a.hyper.transformers) {
+    apply_kernel<P, S, false, false><<<tiles, kThreads, 0, stream>>>(a);
+  } else if (a.hyper.has_beta1) {
+    apply_kernel<P, S, true, true><<<tiles, kThreads, 0, stream>>>(a);
+  } else {
+    apply_kernel<P, S, true, false><<<tiles, kThreads, 0, stream>>>(a);
+  }
 }
 
 }  // namespace

@@ -15,13 +15,13 @@
 // s = g^2 (torch) or g^2 + eps1 (transformers). update() is torch.lerp(state, s, w) with
 // w = t^beta2_decay (torch), or beta2t * state + (1 - beta2t) * s with beta2t = 1 - t^decay_rate
 // (transformers).
-// u per element: torch  factored  g * rsqrt(max(rf_i * cf_j, eps1^2)), rf_i = r_i / max(mean r,
-//                                 eps1), cf_j = c_j
+// u per element: torch  factored  g * rsqrt(max(r_i c_j / max(mean r, eps1), eps1^2))
 //                        full      g * rsqrt(max(v, eps1^2))
-//                transformers      g * rf_i * cf_j, rf_i = rsqrt(r_i / mean r), cf_j = rsqrt(c_j)
+//                transformers      g * rsqrt(r_i / mean r) * rsqrt(c_j)
 //                        full      g * rsqrt(v)
-// Precision rule: the factors are normalised before they meet, never rsqrt(r_i * c_j / mean r)
-// from raw products (underflow, and NaN for an all-zero gradient matrix).
+// computed as below (adafactor_u_factored). Precision rule: the factors are normalised before
+// they meet, never rsqrt(r_i * c_j / mean r) from raw products (underflow, and NaN for an
+// all-zero gradient matrix).
 #pragma once
 
 #include <math.h>
@@ -82,27 +82,33 @@ FO_HOST_DEVICE float adafactor_square(float g, float eps1_add) { return g * g + 
 // 1 / sqrt(x), IEEE (as torch.rsqrt on the CPU), propagating NaN.
 FO_HOST_DEVICE float rsqrt_ieee(float x) { return 1.0f / sqrtf(x); }
 
-// max(x, floor) that keeps a NaN x (a select, not fmaxf).
+// max(x, floor) and min(x, cap) that keep a NaN x (selects, not fmaxf / fminf).
 FO_HOST_DEVICE float clamp_min_nan(float x, float floor) { return x < floor ? floor : x; }
+FO_HOST_DEVICE float clamp_max_nan(float x, float cap) { return x > cap ? cap : x; }
 
-// The row factor rf_i from r_i and the mean of r over the matrix's rows (in fp32).
+// The factors are rsqrt'ed once per row and column (O(n + m) square roots), so an element costs
+// two multiplies and a select instead of a square root and a division:
+//   rr_i = rsqrt(r_i / mean r)   (torch: mean r clamped at eps1 first)
+//   rc_j = rsqrt(c_j)
+//   u    = g * min(rr_i * rc_j, cap)
+// torch clamps the estimate r_i c_j / mean r at eps1^2, the same as capping its rsqrt at
+// 1 / eps1; transformers does not clamp (cap = inf). A full tensor's u is g * min(rsqrt(v), cap).
 FO_HOST_DEVICE float adafactor_row_factor(float r, float mean_r, float eps1, bool transformers) {
-  if (transformers) return rsqrt_ieee(r / mean_r);
-  return r / clamp_min_nan(mean_r, eps1);
+  return rsqrt_ieee(r / (transformers ? mean_r : clamp_min_nan(mean_r, eps1)));
 }
 
-FO_HOST_DEVICE float adafactor_col_factor(float c, bool transformers) {
-  return transformers ? rsqrt_ieee(c) : c;
+FO_HOST_DEVICE float adafactor_col_factor(float c) { return rsqrt_ieee(c); }
+
+FO_HOST_DEVICE float adafactor_u_cap(double eps1, bool transformers) {
+  return transformers ? INFINITY : static_cast<float>(1.0 / eps1);
 }
 
-// u of one element. Factored: f1 = rf_i, f2 = cf_j. Full: f1 = v, f2 unused.
-FO_HOST_DEVICE float adafactor_u(float g, float f1, float f2, bool factored, bool transformers,
-                                 float eps1_sq) {
-  if (factored) {
-    if (transformers) return (g * f1) * f2;
-    return g * rsqrt_ieee(clamp_min_nan(f1 * f2, eps1_sq));
-  }
-  return g * rsqrt_ieee(transformers ? f1 : clamp_min_nan(f1, eps1_sq));
+FO_HOST_DEVICE float adafactor_u_factored(float g, float rr, float rc, float cap) {
+  return g * clamp_max_nan(rr * rc, cap);
+}
+
+FO_HOST_DEVICE float adafactor_u_full(float g, float v, float cap) {
+  return g * clamp_max_nan(rsqrt_ieee(v), cap);
 }
 
 // Hyper-parameters of a call (host values; lr may instead come from device memory).
@@ -121,7 +127,9 @@ struct AdafactorHyper {
 // What phase 5 applies to every element of one tensor.
 struct AdafactorApply {
   float scale;  // the factor of u: alpha / max(1, RMS(u) / d)
-  float decay;  // torch: theta *= decay (1 - lr * wd); transformers: theta -= decay * theta
+  float decay;  // torch: theta *= decay (1 - lr * wd, exactly 1 without decay);
+                // transformers: theta -= decay * theta (wd * alpha; skipped when 0)
+  float beta1, one_minus_beta1;  // transformers' momentum
 };
 
 // Phase 4: the apply scalars of a tensor from sum(theta^2), sum(u^2), its numel, the new step
@@ -148,6 +156,8 @@ FO_HOST_DEVICE AdafactorApply adafactor_apply_scalars(const AdafactorHyper& h, d
   const float denom = clamp_min_nan(rms_u / static_cast<float>(h.d), 1.0f);
   AdafactorApply a;
   a.scale = alpha / denom;
+  a.beta1 = static_cast<float>(h.beta1);
+  a.one_minus_beta1 = static_cast<float>(1.0 - h.beta1);
   if (h.transformers) {
     a.decay = static_cast<float>(h.weight_decay) * alpha;
   } else {
@@ -156,22 +166,20 @@ FO_HOST_DEVICE AdafactorApply adafactor_apply_scalars(const AdafactorHyper& h, d
   return a;
 }
 
-// Phase 5 for one element. m (transformers' exp_avg) is touched only with has_beta1.
-FO_HOST_DEVICE void adafactor_apply(float& theta, float u, float& m, const AdafactorApply& a,
-                                    const AdafactorHyper& h) {
-  if (!h.transformers) {
-    // Skipped without decay (not theta * 1): keeps -0 and the peers' exact arithmetic.
-    if (h.weight_decay != 0.0) theta = theta * a.decay;
-    theta = theta - a.scale * u;
+// Phase 5 for one element. m (transformers' exp_avg) is touched only with kMomentum.
+template <bool kTransformers, bool kMomentum>
+FO_HOST_DEVICE void adafactor_apply(float& theta, float u, float& m, const AdafactorApply& a) {
+  if (!kTransformers) {
+    theta = theta * a.decay - a.scale * u;
     return;
   }
   float step = a.scale * u;
-  if (h.has_beta1) {
-    const float beta1 = static_cast<float>(h.beta1);
-    m = beta1 * m + static_cast<float>(1.0 - h.beta1) * step;
+  if (kMomentum) {
+    m = a.beta1 * m + a.one_minus_beta1 * step;
     step = m;
   }
-  if (h.weight_decay != 0.0) theta = theta - a.decay * theta;
+  // Skipped when 0 (not theta - 0 * theta): an inf theta must not become NaN.
+  if (a.decay != 0.0f) theta = theta - a.decay * theta;
   theta = theta - step;
 }
 
