@@ -1,4 +1,5 @@
+from fused_optim.optim.adafactor import Adafactor
 from fused_optim.optim.adam import Adam, AdamW
 from fused_optim.optim.adax import AdaX, AdaXW
 
-__all__ = ["Adam", "AdamW", "AdaX", "AdaXW"]
+__all__ = ["Adafactor", "Adam", "AdamW", "AdaX", "AdaXW"]

@@ -223,15 +223,24 @@ class _GroupCache:
 
 
 _HANDLE = operator.attrgetter("_cdata")
-_STATE_LIST_NAME = {  # the names the kernels give to their tensor lists, for error messages
+# The names the kernels give to their tensor lists, for error messages. An index in a message
+# is the tensor's position among the call's params, also for the compact Adafactor lists (which
+# hold entries only for some params): the kernels name each entry by the param it belongs to.
+_STATE_LIST_NAME = {
     "params": "",
     "grads": "the grad of ",
     "exp_avgs": 'state["exp_avg"] of ',
     "exp_avg_sqs": 'state["exp_avg_sq"] of ',
     "max_exp_avg_sqs": 'state["max_exp_avg_sq"] of ',
     "state_steps": 'state["step"] of ',
+    "row_vars": 'state["row_var"] of ',
+    "col_vars": 'state["col_var"] of ',
+    "variances": 'state["variance"] of ',
+    "exp_avg_sq_rows": 'state["exp_avg_sq_row"] of ',
+    "exp_avg_sq_cols": 'state["exp_avg_sq_col"] of ',
+    "rmss": 'state["RMS"] of ',
 }
-_LIST_INDEX = re.compile(r"\b(" + "|".join(_STATE_LIST_NAME) + r")\[(\d+)\]")
+_LIST_INDEX = re.compile(r"\b([A-Za-z_]+)\[(\d+)\]")
 
 
 def _same_objects(a: list, b: list) -> bool:
@@ -303,13 +312,19 @@ class _MemoryIndex:
 
 
 class FusedOptimizer(torch.optim.Optimizer):
-    # Base class. Subclasses implement _state_keys(group) (tensor states besides "step"; the
-    # first one's dtype is the bucket's state dtype), _new_state(param, key), _hyper(group) (the
-    # keyword arguments of one call) and _make_run(backend, bucket, group, op_only) (a function
-    # running one fused call on the bucket's tensors with the given grads; op_only: through the
-    # registered op over lists, as tracing needs).
+    # Base class. Subclasses implement _state_keys(group) (tensor states besides "step"),
+    # _new_state(param, key), _hyper(group) (the keyword arguments of one call) and
+    # _make_run(backend, bucket, group, op_only) (a function running one fused call on the
+    # bucket's tensors with the given grads; op_only: through the registered op over lists, as
+    # tracing needs). Optimizers whose params have different states (Adafactor: factored or
+    # not) also override _param_state_keys(group, p): the keys of one param, a subset of
+    # _state_keys(group) that depends only on the group and p's shape; bucket.states then holds
+    # compact lists (one entry per param that has the key, in order). The first key of a
+    # param's keys gives its state dtype. _usable_state(p, key, value) fixes up a state found
+    # in the mapping (loaded, assigned) once, when the buckets are built.
 
     _step_supports_amp_scaling = True  # torch.amp.GradScaler hands us grad_scale / found_inf
+    _state_list_names = _STATE_LIST_NAME  # kernel list name -> how an error message names it
 
     def __init__(self, params, defaults, *, max_grad_norm=None, backend="auto"):
         if max_grad_norm is not None:
@@ -490,27 +505,42 @@ class FusedOptimizer(torch.optim.Optimizer):
             state = self.state.get(p)
             if state is None:
                 state = self.state[p] = self.state._new_param_state()
-            for k in keys:  # new params, or a state_dict that lacked a key (e.g. amsgrad turned on)
+            p_keys = self._param_state_keys(group, p)
+            for k in p_keys:  # new params, or a state_dict that lacked a key (e.g. amsgrad turned on)
                 t = state.get(k)
                 if t is None:
                     state[k] = self._new_state(p, k)
-                elif t.shape == p.shape and t.stride() != p.stride() and is_dense(p):
-                    # Loaded in another layout (a contiguous checkpoint into a channels_last
-                    # model): re-laid out like the param once, not copied around every step.
-                    state[k] = torch.empty_like(p, dtype=t.dtype).copy_(t)
+                else:
+                    usable = self._usable_state(p, k, t)
+                    if usable is not t:
+                        state[k] = usable
             # Kernels read and advance `step` on the params' device, as float32.
             step = state.get("step", 0.0)
             if not torch.is_tensor(step) or step.dtype != torch.float32 or step.device != p.device:
                 state["step"] = torch.as_tensor(_as_float(step), dtype=torch.float32).to(p.device)
-            kind = (p.device, p.dtype, state[keys[0]].dtype)
+            kind = (p.device, p.dtype, state[p_keys[0]].dtype if p_keys else p.dtype)
             b = by_kind.get(kind)
             if b is None:
                 b = by_kind[kind] = Bucket(p.device, p.dtype, [], [], traced=not has_values(p))
+                b.states = {k: [] for k in keys + ("step",)}
             b.index.append(i)
             b.params.append(p)
-            for k in keys + ("step",):
-                b.states.setdefault(k, []).append(state[k])
+            for k in p_keys + ("step",):
+                b.states[k].append(state[k])
         return list(by_kind.values())
+
+    def _param_state_keys(self, group, p) -> tuple[str, ...]:
+        """The state keys of param `p` (besides "step"); all of the group's by default."""
+        return self._state_keys(group)
+
+    def _usable_state(self, p, key, value):
+        """The state `key` of `p` as the kernels can use it, given `value` found in the mapping
+        (loaded or assigned): `value` itself when it is fine, else a replacement, made once."""
+        if value.shape == p.shape and value.stride() != p.stride() and is_dense(p):
+            # Loaded in another layout (a contiguous checkpoint into a channels_last model):
+            # re-laid out like the param once, not copied around every step.
+            return torch.empty_like(p, dtype=value.dtype).copy_(value)
+        return value
 
     @staticmethod
     def _grads_of(bucket: Bucket, grads, n_params: int):
@@ -568,7 +598,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                     clip_coef=coefs.get(bucket.device),
                 )
             except (RuntimeError, TypeError, ValueError) as exc:
-                mapped = _in_group_terms(exc, gi, bucket.index)
+                mapped = _in_group_terms(exc, gi, bucket.index, self._state_list_names)
                 if mapped is exc:
                     raise
                 raise mapped from exc
@@ -600,16 +630,18 @@ class FusedOptimizer(torch.optim.Optimizer):
         return {d: coef.to(d) for d in results}
 
 
-def _in_group_terms(exc: Exception, gi: int, index: list[int]) -> Exception:
+def _in_group_terms(exc: Exception, gi: int, index: list[int], names=_STATE_LIST_NAME) -> Exception:
     """The kernels name tensors by their position in one call (params[3]); say which param of
-    the user's param group that is, e.g. param_groups[0]["params"][7]."""
+    the user's param group that is, e.g. param_groups[0]["params"][7]. `names`: how each list
+    is named (the state keys differ between optimizers)."""
     if type(exc) not in (RuntimeError, TypeError, ValueError):
         return exc
 
     def name(m: re.Match) -> str:
         k = int(m.group(2))
-        where = f'param_groups[{gi}]["params"][{index[k]}]' if k < len(index) else m.group(0)
-        return _STATE_LIST_NAME[m.group(1)] + where
+        if m.group(1) not in names or k >= len(index):
+            return m.group(0)
+        return names[m.group(1)] + f'param_groups[{gi}]["params"][{index[k]}]'
 
     message = _LIST_INDEX.sub(name, str(exc))
     return exc if message == str(exc) else type(exc)(message)
