@@ -179,10 +179,9 @@ struct Phases {
             a.row_partials[t.row_partials + (x.b * t.rows + row) * t.col_tiles + x.cb] = row_sum;
             theta_sq += th;
           }
-          for (int64_t j = 0; j < x.n_cols; ++j) {
-            a.col_partials[t.col_partials + (x.b * t.cols + x.col0 + j) * t.row_tiles + x.rb] =
-                col_acc[static_cast<size_t>(j)];
-          }
+          float* col_out =
+              a.col_partials + t.col_partials + (x.b * t.row_tiles + x.rb) * t.cols + x.col0;
+          std::copy(col_acc.begin(), col_acc.end(), col_out);
         } else if (x.n_cols > 0) {
           const AdafactorStatWeights sw = adafactor_stat_weights(*t.step + 1.0, h.decay);
           S* v = static_cast<S*>(t.full) + x.col0;
@@ -205,6 +204,7 @@ struct Phases {
   // Phase 2: per matrix, the row and column statistics from their partials, then the factors.
   void factors() {
     at::parallel_for(0, a.n_matrices, 1, [&](int64_t begin, int64_t end) {
+      std::vector<double> col_sums;
       for (int64_t w = begin; w < end; ++w) {
         const WorkItem item = a.matrices[w];
         const AdafactorTensor& t = a.tensors[item.tensor];
@@ -231,11 +231,14 @@ struct Phases {
         for (int64_t i = 0; i < t.rows; ++i) {
           rf[i] = adafactor_row_factor(rf[i], mean_r, eps1, h.transformers);
         }
+        // Column sums: the row tiles' partials added in tile order, a row of partials at a time.
+        col_sums.assign(static_cast<size_t>(t.cols), 0.0);
+        const float* p = a.col_partials + t.col_partials + b * t.row_tiles * t.cols;
+        for (int64_t k = 0; k < t.row_tiles; ++k) {
+          for (int64_t j = 0; j < t.cols; ++j) col_sums[j] += p[k * t.cols + j];
+        }
         for (int64_t j = 0; j < t.cols; ++j) {
-          const float* p = a.col_partials + t.col_partials + (b * t.cols + j) * t.row_tiles;
-          double s = 0.0;
-          for (int64_t k = 0; k < t.row_tiles; ++k) s += p[k];
-          const float mean = static_cast<float>(s / static_cast<double>(t.rows));
+          const float mean = static_cast<float>(col_sums[j] / static_cast<double>(t.rows));
           const float c =
               adafactor_stat_update(static_cast<float>(col[j]), mean, sw, h.transformers);
           col[j] = static_cast<S>(c);

@@ -130,11 +130,11 @@ __global__ void __launch_bounds__(kThreads) stats_kernel(AdafactorArgs a) {
         row_out[k * t.col_tiles] = acc;
       }
     }
-    float* col_out = a.col_partials + t.col_partials + (x.b * t.cols + x.col0) * t.row_tiles + x.rb;
+    float* col_out = a.col_partials + t.col_partials + (x.b * t.row_tiles + x.rb) * t.cols + x.col0;
     for (int64_t j = threadIdx.x; j < x.n_cols; j += kThreads) {
       float acc = 0.0f;
       for (int64_t k = 0; k < x.n_rows; ++k) acc += staged[k * x.n_cols + j];
-      col_out[j * t.row_tiles] = acc;
+      col_out[j] = acc;
     }
   } else if (count > 0) {
     const AdafactorStatWeights sw = adafactor_stat_weights(*t.step + 1.0, a.hyper.decay);
@@ -184,9 +184,9 @@ __global__ void __launch_bounds__(kThreads) factors_kernel(AdafactorArgs a) {
     rf[i] = adafactor_row_factor(rf[i], mean_r, eps1, h.transformers);
   }
   for (int64_t j = threadIdx.x; j < t.cols; j += kThreads) {
-    const float* p = a.col_partials + t.col_partials + (b * t.cols + j) * t.row_tiles;
+    const float* p = a.col_partials + t.col_partials + b * t.row_tiles * t.cols + j;
     double s = 0.0;
-    for (int64_t k = 0; k < t.row_tiles; ++k) s += p[k];
+    for (int64_t k = 0; k < t.row_tiles; ++k) s += p[k * t.cols];
     const int64_t at = b * t.cols + j;
     const float c = adafactor_stat_update(load<S>(t.col, at),
                                           static_cast<float>(s / static_cast<double>(t.rows)), sw,

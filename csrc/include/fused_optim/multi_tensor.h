@@ -49,7 +49,7 @@ struct AdafactorTensor {
   int64_t row_tiles, col_tiles;  // tiles per matrix down the rows / across the columns
   int64_t first_tile;            // index of its first tile among the call's tiles
   int64_t row_partials;          // batch * rows * col_tiles floats: [matrix][row][col tile]
-  int64_t col_partials;          // batch * cols * row_tiles floats: [matrix][col][row tile]
+  int64_t col_partials;          // batch * row_tiles * cols floats: [matrix][row tile][col]
   int64_t factors;               // batch * rows row factors, then batch * cols column factors
   int32_t factored;
 };
