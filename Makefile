@@ -5,11 +5,13 @@
 # TORCH_SPEC picks the torch build (default: the CPU-tested 2.13.0) and takes effect on an existing
 # .venv too: the spec is recorded in .venv/.torch-spec, and a different one reinstalls torch and
 # rebuilds the extension (scripts/venv_torch.sh). PYTHON picks the interpreter for a new .venv.
-# BENCH_ARGS passes options to bench/bench_adam.py, e.g. BENCH_ARGS="--cases 2000x1000".
+# BENCH_ARGS passes options to bench/bench_adam.py, e.g. BENCH_ARGS="--cases 2000x1000";
+# BENCH_ADAFACTOR_ARGS to bench/bench_adafactor.py.
 
 PYTHON ?= python3
 TORCH_SPEC ?= torch==2.13.0
 BENCH_ARGS ?=
+BENCH_ADAFACTOR_ARGS ?=
 # Pinned so that `make lint` means the same everywhere; matplotlib draws the bench chart;
 # transformers is an outside oracle of the Adafactor reference (tests only).
 RUFF_VERSION := 0.17.6
@@ -78,6 +80,10 @@ bench: setup
 	csv=bench/results/bench_adam_$$dev.csv && \
 	echo "$(PY) bench/bench_adam.py --csv $$csv $(BENCH_ARGS)" && \
 	$(PY) bench/bench_adam.py --csv $$csv $(BENCH_ARGS) && \
+	$(PY) bench/plot.py $$csv && \
+	csv=bench/results/bench_adafactor_$$dev.csv && \
+	echo "$(PY) bench/bench_adafactor.py --csv $$csv $(BENCH_ADAFACTOR_ARGS)" && \
+	$(PY) bench/bench_adafactor.py --csv $$csv $(BENCH_ADAFACTOR_ARGS) && \
 	$(PY) bench/plot.py $$csv
 
 clean:

@@ -1,10 +1,13 @@
-"""Bar chart of a bench_adam.py CSV: speedup vs torch fused, per case and candidate.
+"""Bar chart of a bench_adam.py or bench_adafactor.py CSV: speedup vs the baseline, per case and
+candidate.
 
 python bench/plot.py [bench/results/bench_adam_cpu.csv] [--out chart.png]
 
-Each bar is median(torch fused) / median(candidate); its whisker spans the candidate's p10-p90 step
-time (median(torch fused) / p90 .. / p10). Exits non-zero, saying why, when it cannot draw: no
-matplotlib, a missing or unreadable CSV, or no rows with a speedup in it.
+Each bar is median(baseline) / median(candidate); its whisker spans the candidate's p10-p90 step
+time (median(baseline) / p90 .. / p10). The baseline is torch fused AdamW in bench_adam.py's CSV
+(column speedup_vs_torch_fused), the CSV's `baseline` column in bench_adafactor.py's (`speedup`).
+Exits non-zero, saying why, when it cannot draw: no matplotlib, a missing or unreadable CSV, or
+no rows with a speedup in it.
 """
 
 import argparse
@@ -13,7 +16,8 @@ import math
 import sys
 from pathlib import Path
 
-NEEDED = ("case", "candidate", "median_ms", "p10_ms", "p90_ms", "speedup_vs_torch_fused")
+NEEDED = ("case", "candidate", "median_ms", "p10_ms", "p90_ms")
+SPEEDUP_COLUMNS = ("speedup_vs_torch_fused", "speedup")  # bench_adam.py's, bench_adafactor.py's
 
 
 def fail(msg: str) -> int:
@@ -25,11 +29,13 @@ def read_rows(path: Path) -> list[dict]:
     """The CSV's rows that have a speedup; raises ValueError with the reason when it has none."""
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
-        missing = [c for c in NEEDED if c not in (reader.fieldnames or [])]
+        fields = reader.fieldnames or []
+        speedup = next((c for c in SPEEDUP_COLUMNS if c in fields), None)
+        missing = [c for c in NEEDED if c not in fields] + ([] if speedup else ["speedup"])
         if missing:
             cols = ", ".join(missing)
-            raise ValueError(f"{path} is empty or not a bench_adam.py CSV (no column(s) {cols})")
-        rows = [r for r in reader if r["speedup_vs_torch_fused"]]
+            raise ValueError(f"{path} is empty or not a bench CSV (no column(s) {cols})")
+        rows = [dict(r, speedup=r[speedup]) for r in reader if r[speedup]]
     if not rows:
         raise ValueError(f"no rows with a speedup in {path}")
     return rows
@@ -73,7 +79,7 @@ def main(argv=None) -> int:
     try:
         stat = {
             (r["case"], r["candidate"]): tuple(
-                float(r[k]) for k in ("speedup_vs_torch_fused", "median_ms", "p10_ms", "p90_ms")
+                float(r[k]) for k in ("speedup", "median_ms", "p10_ms", "p90_ms")
             )
             for r in rows
         }
@@ -111,10 +117,12 @@ def main(argv=None) -> int:
     ax.yaxis.set_minor_locator(NullLocator())
     ax.set_ylim(lo / 1.3, hi * 2.2)  # room for the bar labels
     ax.set_xticks(range(len(cases)), cases)
-    ax.set_ylabel("speedup vs torch fused (higher is faster)")
     r0 = rows[0]
+    baseline = r0.get("baseline", "torch fused")
+    ax.set_ylabel(f"speedup vs {baseline} (higher is faster)")
+    step = "Adafactor" if "baseline" in r0 else "AdamW"
     ax.set_title(
-        f"AdamW step, {r0.get('dtype', '?')}, {r0.get('device_name', '?')}, "
+        f"{step} step, {r0.get('dtype', '?')}, {r0.get('device_name', '?')}, "
         f"torch {r0.get('torch_version', '?')}"
         "\nwhiskers: each candidate's p10–p90 step time",
         fontsize=10,
