@@ -501,11 +501,12 @@ def test_bad_arguments_raise(backend):
 @pytest.mark.parametrize("flavour", ["torch", "hf"])
 @pytest.mark.parametrize("backend", [BACKENDS[0]])
 def test_native_tiles(backend, flavour):
-    """The native kernels' tiles are whole rows of up to 8192 elements (math/adafactor.h): a row
+    """The CPU kernels' tiles are whole rows of up to 65536 elements (math/adafactor.h): a row
     longer than that is cut into column tiles, a taller matrix into several row tiles, a batch of
-    narrow matrices gets one tile per matrix; every partial is combined in phase 2."""
+    narrow matrices gets one tile per matrix, a full tensor several flat tiles; every partial is
+    combined in phase 2 (matrices) or 4 (tensors)."""
     config = dict(weight_decay=0.1) if flavour == "torch" else dict(beta1=0.9)
-    shapes = [(2, 8200), (300, 50), (3, 2, 9000), (5000, 3), (20000, 1)]
+    shapes = [(2, 66000), (300, 500), (3, 2, 9000), (5000, 3), (70000, 1), (140000,)]
     _run_against_fp64(backend, flavour, config, shapes=shapes, steps=3)
 
 

@@ -17,6 +17,9 @@ namespace {
 
 // Independent accumulator lanes, so sums vectorise without reassociation (as in norm.cpp).
 constexpr int kLanes = 16;
+// Phase 1 streams two read-only inputs: prefetching 4 KB ahead measured 44 -> 34 ms on GPT-2
+// shapes (in phase 3, the same prefetch stopped GCC from vectorising the loop: not used there).
+constexpr int kPrefetch = 1024;
 
 float sum_lanes(const float (&lanes)[kLanes]) {
   float acc = 0.0f;
@@ -34,6 +37,8 @@ float sum_lanes(const float (&lanes)[kLanes]) {
     float rows[kLanes] = {}, thetas[kLanes] = {};                                              \
     int64_t j = 0;                                                                             \
     for (; j + kLanes <= n; j += kLanes) {                                                     \
+      __builtin_prefetch(grad + j + kPrefetch);                                                \
+      __builtin_prefetch(theta + j + kPrefetch);                                               \
       for (int l = 0; l < kLanes; ++l) {                                                       \
         const float s = adafactor_square(static_cast<float>(grad[j + l]) * mult, add);         \
         const float x = static_cast<float>(theta[j + l]);                                      \
@@ -116,9 +121,9 @@ struct Tile {
 Tile tile_of(const AdafactorTensor& t, int64_t q) {
   Tile x{};
   if (!t.factored) {
-    x.col0 = q * kAdafactorTileElems;
+    x.col0 = q * t.tile_cols;
     x.n_rows = 1;
-    x.n_cols = std::max<int64_t>(0, std::min(kAdafactorTileElems, t.numel - x.col0));
+    x.n_cols = std::max<int64_t>(0, std::min(t.tile_cols, t.numel - x.col0));
     return x;
   }
   const int64_t per_matrix = t.row_tiles * t.col_tiles;

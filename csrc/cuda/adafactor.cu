@@ -27,10 +27,10 @@ struct Tile {
 __device__ __forceinline__ Tile tile_of(const AdafactorTensor& t, int64_t q) {
   Tile x{};
   if (!t.factored) {
-    x.col0 = q * kAdafactorTileElems;
+    x.col0 = q * t.tile_cols;
     const int64_t left = t.numel - x.col0;
     x.n_rows = 1;
-    x.n_cols = left < 0 ? 0 : (left < kAdafactorTileElems ? left : kAdafactorTileElems);
+    x.n_cols = left < 0 ? 0 : (left < t.tile_cols ? left : t.tile_cols);
     return x;
   }
   const int64_t per_matrix = t.row_tiles * t.col_tiles;
@@ -93,7 +93,7 @@ __device__ __forceinline__ float u_cap(const AdafactorArgs& a) {
 template <typename P, typename S>
 __global__ void __launch_bounds__(kThreads) stats_kernel(AdafactorArgs a) {
   if (skipped(a)) return;
-  __shared__ float staged[kAdafactorTileElems];
+  __shared__ float staged[kAdafactorCudaTileElems];
   const int64_t w = blockIdx.x;
   const WorkItem item = a.tiles[w];
   const AdafactorTensor t = a.tensors[item.tensor];

@@ -109,6 +109,7 @@ void adafactor_(at::TensorList params, at::TensorList grads, at::TensorList rows
   args.found_inf = ptr_or_null(found_inf);
   args.clip_coef = ptr_or_null(clip_coef);
 
+  const int64_t tile_elems = device.is_cpu() ? kAdafactorCpuTileElems : kAdafactorCudaTileElems;
   Layouts layouts;
   std::vector<AdafactorTensor> records(n);
   std::vector<WorkItem> tiles, matrices;
@@ -179,7 +180,7 @@ void adafactor_(at::TensorList params, at::TensorList grads, at::TensorList rows
       state(*col, "col_vars", r.batch * r.cols);
       r.row = layouts.contiguous(*row, true).data_ptr();
       r.col = layouts.contiguous(*col, true).data_ptr();
-      const TileShape shape = adafactor_tile_shape(r.rows, r.cols);
+      const TileShape shape = adafactor_tile_shape(r.rows, r.cols, tile_elems);
       r.tile_rows = shape.rows;
       r.tile_cols = shape.cols;
       r.row_tiles = ceil_div(r.rows, shape.rows);
@@ -200,7 +201,9 @@ void adafactor_(at::TensorList params, at::TensorList grads, at::TensorList rows
       r.cols = r.numel;
       state(*full, "variances", r.numel);
       r.full = layouts.use(*full, ref, true).data_ptr();
-      n_tiles = ceil_div(r.numel, kAdafactorTileElems);
+      r.tile_rows = 1;
+      r.tile_cols = tile_elems;  // a full tensor's tiles are flat ranges
+      n_tiles = ceil_div(r.numel, tile_elems);
     }
     TORCH_CHECK(n_tiles <= INT32_MAX, "fused_optim: params[", i, "] is too large");
     for (int64_t q = 0; q < n_tiles; ++q) {

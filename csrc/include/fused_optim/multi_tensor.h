@@ -33,7 +33,7 @@ struct AdamTensor {
 
 // One tensor of an Adafactor call (math/adafactor.h). Factored tensors are `batch` matrices of
 // rows x cols, cut into tiles of tile_rows x tile_cols; a full (or empty) tensor is cut into
-// flat tiles of kAdafactorTileElems. Offsets index the call's scratch buffers (kernel_args.h).
+// flat tiles of tile_cols elements. Offsets index the call's scratch buffers (kernel_args.h).
 struct AdafactorTensor {
   void* param;
   const void* grad;

@@ -32,21 +32,23 @@
 namespace fused_optim {
 
 // ---- Tiles -------------------------------------------------------------------------------
-// A tile is a block of whole rows of ONE matrix (a full tensor's tile is a flat range), at most
-// kAdafactorTileElems elements: whole rows keep the CPU's memory access sequential (row pieces
-// with jumps between them starve its prefetchers: 3x slower measured), and a tile fits a CUDA
-// block's shared memory. Rows longer than a tile are cut into column blocks. Statistics are
-// per-tile partial sums, combined in a fixed order by the next phase.
-constexpr int64_t kAdafactorTileElems = 8192;
+// A tile is a block of whole rows of ONE matrix (a full tensor's tile is a flat range): whole
+// rows keep the CPU's memory access sequential (row pieces with jumps between them starve its
+// prefetchers: 3x slower measured). Rows longer than a tile are cut into column blocks.
+// Statistics are per-tile partial sums, combined in a fixed order by the next phase, so the
+// larger a tile, the fewer partials move: the CPU takes 64K elements, a CUDA tile fits a
+// block's shared memory.
+constexpr int64_t kAdafactorCpuTileElems = int64_t{1} << 16;
+constexpr int64_t kAdafactorCudaTileElems = 8192;
 
 struct TileShape {
   int64_t rows, cols;
 };
 
-// rows x cols of the tiles of an n x m matrix (n, m >= 1).
-FO_HOST_DEVICE TileShape adafactor_tile_shape(int64_t n, int64_t m) {
-  const int64_t cols = m < kAdafactorTileElems ? m : kAdafactorTileElems;
-  const int64_t fit = kAdafactorTileElems / cols;
+// rows x cols of the tiles of an n x m matrix (n, m >= 1), at most `elems` elements.
+FO_HOST_DEVICE TileShape adafactor_tile_shape(int64_t n, int64_t m, int64_t elems) {
+  const int64_t cols = m < elems ? m : elems;
+  const int64_t fit = elems / cols;
   return TileShape{n < fit ? n : fit, cols};
 }
 
