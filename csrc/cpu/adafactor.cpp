@@ -111,37 +111,6 @@ FO_CPU_ISA_VARIANTS(FO_DEFINE_UNORM_ROW)
 FO_CPU_ISA_VARIANTS(FO_DEFINE_APPLY_ROW)
 #undef FO_DEFINE_APPLY_ROW
 
-// A tile as loops over rows: matrix `b`, rows [row0, row0 + n_rows), columns [col0, col0 +
-// n_cols); a full tensor's tile is one "row" of its flat range.
-struct Tile {
-  int64_t b, row0, n_rows, col0, n_cols;
-  int64_t rb, cb;  // its row-tile and column-tile index
-};
-
-Tile tile_of(const AdafactorTensor& t, int64_t q) {
-  Tile x{};
-  if (!t.factored) {
-    x.col0 = q * t.tile_cols;
-    x.n_rows = 1;
-    x.n_cols = std::max<int64_t>(0, std::min(t.tile_cols, t.numel - x.col0));
-    return x;
-  }
-  const int64_t per_matrix = t.row_tiles * t.col_tiles;
-  x.b = q / per_matrix;
-  x.rb = (q % per_matrix) / t.col_tiles;
-  x.cb = q % t.col_tiles;
-  x.row0 = x.rb * t.tile_rows;
-  x.col0 = x.cb * t.tile_cols;
-  x.n_rows = std::min(t.tile_rows, t.rows - x.row0);
-  x.n_cols = std::min(t.tile_cols, t.cols - x.col0);
-  return x;
-}
-
-// Offset of element (row, col0) of matrix b, or of a full tensor's flat position col0.
-int64_t element(const AdafactorTensor& t, const Tile& x, int64_t row) {
-  return t.factored ? (x.b * t.rows + row) * t.cols + x.col0 : x.col0;
-}
-
 double read_lr(const AdafactorArgs& a) {
   if (a.lr_ptr == nullptr) return a.lr;
   return a.lr_is_f64 ? *static_cast<const double*>(a.lr_ptr)
@@ -170,7 +139,7 @@ struct Phases {
       for (int64_t w = begin; w < end; ++w) {
         const WorkItem item = a.tiles[w];
         const AdafactorTensor& t = a.tensors[item.tensor];
-        const Tile x = tile_of(t, item.chunk);
+        const AdafactorTile x = adafactor_tile(t, item.chunk);
         const P* theta = static_cast<const P*>(t.param);
         const P* grad = static_cast<const P*>(t.grad);
         double theta_sq = 0.0;
@@ -178,7 +147,7 @@ struct Phases {
           col_acc.assign(static_cast<size_t>(x.n_cols), 0.0f);
           for (int64_t k = 0; k < x.n_rows; ++k) {
             const int64_t row = x.row0 + k;
-            const int64_t e = element(t, x, row);
+            const int64_t e = adafactor_offset(t, x, row - x.row0, 0);
             float row_sum = 0.0f, th = 0.0f;
             row_fn(theta + e, grad + e, x.n_cols, mult, add, col_acc.data(), &row_sum, &th);
             a.row_partials[t.row_partials + (x.b * t.rows + row) * t.col_tiles + x.cb] = row_sum;
@@ -263,7 +232,7 @@ struct Phases {
       for (int64_t w = begin; w < end; ++w) {
         const WorkItem item = a.tiles[w];
         const AdafactorTensor& t = a.tensors[item.tensor];
-        const Tile x = tile_of(t, item.chunk);
+        const AdafactorTile x = adafactor_tile(t, item.chunk);
         const P* grad = static_cast<const P*>(t.grad);
         double acc = 0.0;
         if (t.factored) {
@@ -271,7 +240,8 @@ struct Phases {
           const float* cf = a.factors + t.factors + t.batch * t.rows + x.b * t.cols + x.col0;
           for (int64_t k = 0; k < x.n_rows; ++k) {
             const int64_t row = x.row0 + k;
-            acc += fac(grad + element(t, x, row), cf, nullptr, rf[row], x.n_cols, mult, cap);
+            acc += fac(grad + adafactor_offset(t, x, row - x.row0, 0), cf, nullptr, rf[row],
+                       x.n_cols, mult, cap);
           }
         } else if (x.n_cols > 0) {
           acc = full(grad + x.col0, nullptr, static_cast<const S*>(t.full) + x.col0, 0.0f, x.n_cols,
@@ -316,7 +286,7 @@ struct Phases {
       for (int64_t w = begin; w < end; ++w) {
         const WorkItem item = a.tiles[w];
         const AdafactorTensor& t = a.tensors[item.tensor];
-        const Tile x = tile_of(t, item.chunk);
+        const AdafactorTile x = adafactor_tile(t, item.chunk);
         if (x.n_cols == 0 || x.n_rows == 0) continue;
         P* theta = static_cast<P*>(t.param);
         const P* grad = static_cast<const P*>(t.grad);
@@ -327,7 +297,7 @@ struct Phases {
           const float* cf = a.factors + t.factors + t.batch * t.rows + x.b * t.cols + x.col0;
           for (int64_t k = 0; k < x.n_rows; ++k) {
             const int64_t row = x.row0 + k;
-            const int64_t e = element(t, x, row);
+            const int64_t e = adafactor_offset(t, x, row - x.row0, 0);
             fac(theta + e, grad + e, cf, nullptr, kMomentum ? exp_avg + e : nullptr, rf[row],
                 x.n_cols, mult, cap, s);
           }

@@ -18,38 +18,6 @@ namespace {
 
 constexpr int kThreads = 256;
 
-// A tile's place: matrix b, rows [row0, row0 + n_rows), columns [col0, col0 + n_cols); a full
-// tensor's tile is one row of n_cols elements of its flat range starting at col0.
-struct Tile {
-  int64_t b, row0, n_rows, col0, n_cols, rb, cb;
-};
-
-__device__ __forceinline__ Tile tile_of(const AdafactorTensor& t, int64_t q) {
-  Tile x{};
-  if (!t.factored) {
-    x.col0 = q * t.tile_cols;
-    const int64_t left = t.numel - x.col0;
-    x.n_rows = 1;
-    x.n_cols = left < 0 ? 0 : (left < t.tile_cols ? left : t.tile_cols);
-    return x;
-  }
-  const int64_t per_matrix = t.row_tiles * t.col_tiles;
-  x.b = q / per_matrix;
-  x.rb = (q % per_matrix) / t.col_tiles;
-  x.cb = q % t.col_tiles;
-  x.row0 = x.rb * t.tile_rows;
-  x.col0 = x.cb * t.tile_cols;
-  x.n_rows = t.rows - x.row0 < t.tile_rows ? t.rows - x.row0 : t.tile_rows;
-  x.n_cols = t.cols - x.col0 < t.tile_cols ? t.cols - x.col0 : t.tile_cols;
-  return x;
-}
-
-// Offset of element (k, j) of the tile in its tensor (k = row within the tile).
-__device__ __forceinline__ int64_t element(const AdafactorTensor& t, const Tile& x, int64_t k,
-                                           int64_t j) {
-  return t.factored ? (x.b * t.rows + x.row0 + k) * t.cols + x.col0 + j : x.col0 + j;
-}
-
 __device__ __forceinline__ bool skipped(const AdafactorArgs& a) {
   return a.found_inf != nullptr && *a.found_inf != 0.0f;  // GradScaler: the step is skipped
 }
@@ -68,8 +36,8 @@ __device__ __forceinline__ void store(void* p, int64_t i, float x) {
 // it is needed, so it is never stored.
 template <typename P, typename S>
 __device__ __forceinline__ float u_at(const AdafactorArgs& a, const AdafactorTensor& t,
-                                      const Tile& x, int64_t k, int64_t j, int64_t e, float mult,
-                                      float cap) {
+                                      const AdafactorTile& x, int64_t k, int64_t j, int64_t e,
+                                      float mult, float cap) {
   const float g = load<P>(t.grad, e) * mult;
   if (t.factored) {
     const float rr = a.factors[t.factors + x.b * t.rows + x.row0 + k];
@@ -97,7 +65,7 @@ __global__ void __launch_bounds__(kThreads) stats_kernel(AdafactorArgs a) {
   const int64_t w = blockIdx.x;
   const WorkItem item = a.tiles[w];
   const AdafactorTensor t = a.tensors[item.tensor];
-  const Tile x = tile_of(t, item.chunk);
+  const AdafactorTile x = adafactor_tile(t, item.chunk);
   const float mult = grad_multiplier(a.maximize, a.grad_scale, a.clip_coef);
   const float add = eps1_add(a);
   const int64_t count = x.n_rows * x.n_cols;
@@ -105,7 +73,7 @@ __global__ void __launch_bounds__(kThreads) stats_kernel(AdafactorArgs a) {
   if (t.factored) {
     for (int64_t e = threadIdx.x; e < count; e += kThreads) {
       const int64_t k = e / x.n_cols, j = e % x.n_cols;
-      const int64_t at = element(t, x, k, j);
+      const int64_t at = adafactor_offset(t, x, k, j);
       staged[e] = adafactor_square(load<P>(t.grad, at) * mult, add);
       const float th = load<P>(t.param, at);
       theta_sq += static_cast<double>(th * th);
@@ -203,13 +171,13 @@ __global__ void __launch_bounds__(kThreads) unorm_kernel(AdafactorArgs a) {
   const int64_t w = blockIdx.x;
   const WorkItem item = a.tiles[w];
   const AdafactorTensor t = a.tensors[item.tensor];
-  const Tile x = tile_of(t, item.chunk);
+  const AdafactorTile x = adafactor_tile(t, item.chunk);
   const float mult = grad_multiplier(a.maximize, a.grad_scale, a.clip_coef);
   const float cap = u_cap(a);
   double acc = 0.0;
   for (int64_t e = threadIdx.x; e < x.n_rows * x.n_cols; e += kThreads) {
     const int64_t k = e / x.n_cols, j = e % x.n_cols;
-    const float u = u_at<P, S>(a, t, x, k, j, element(t, x, k, j), mult, cap);
+    const float u = u_at<P, S>(a, t, x, k, j, adafactor_offset(t, x, k, j), mult, cap);
     acc += static_cast<double>(u * u);
   }
   acc = cuda::block_reduce<kThreads>(acc, [](double p, double q) { return p + q; });
@@ -254,13 +222,13 @@ __global__ void __launch_bounds__(kThreads) apply_kernel(AdafactorArgs a) {
   if (skipped(a)) return;
   const WorkItem item = a.tiles[blockIdx.x];
   const AdafactorTensor t = a.tensors[item.tensor];
-  const Tile x = tile_of(t, item.chunk);
+  const AdafactorTile x = adafactor_tile(t, item.chunk);
   const float mult = grad_multiplier(a.maximize, a.grad_scale, a.clip_coef);
   const float cap = u_cap(a);
   const AdafactorApply s = a.apply[item.tensor];
   for (int64_t e = threadIdx.x; e < x.n_rows * x.n_cols; e += kThreads) {
     const int64_t k = e / x.n_cols, j = e % x.n_cols;
-    const int64_t at = element(t, x, k, j);
+    const int64_t at = adafactor_offset(t, x, k, j);
     const float u = u_at<P, S>(a, t, x, k, j, at, mult, cap);
     float theta = load<P>(t.param, at);
     float m = kMomentum ? load<S>(t.exp_avg, at) : 0.0f;

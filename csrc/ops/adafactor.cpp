@@ -96,15 +96,7 @@ void adafactor_(at::TensorList params, at::TensorList grads, at::TensorList rows
   h.warmup_init = warmup_init;
   args.maximize = maximize && !transformers;
   args.lr = lr;
-  if (lr_tensor.has_value()) {
-    TORCH_CHECK(lr_tensor->numel() == 1 && (lr_tensor->scalar_type() == at::kFloat ||
-                                            lr_tensor->scalar_type() == at::kDouble),
-                "fused_optim: a tensor lr must be a one-element float32 or float64 tensor");
-    TORCH_CHECK(lr_tensor->device() == device, "fused_optim: lr is on ", lr_tensor->device(),
-                " but the params are on ", device);
-    args.lr_ptr = lr_tensor->data_ptr();
-    args.lr_is_f64 = lr_tensor->scalar_type() == at::kDouble;
-  }
+  lr_source(lr_tensor, device, args.lr_ptr, args.lr_is_f64);
   args.grad_scale = ptr_or_null(grad_scale);
   args.found_inf = ptr_or_null(found_inf);
   args.clip_coef = ptr_or_null(clip_coef);

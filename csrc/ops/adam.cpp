@@ -114,16 +114,7 @@ void set_adam_scalars(AdamArgs& args, const at::Device& device, double lr,
   check_scalar_tensor(found_inf, device, "found_inf");
   check_scalar_tensor(clip_coef, device, "clip_coef");
   args.lr = lr;
-  args.lr_ptr = nullptr;
-  if (lr_tensor.has_value()) {
-    TORCH_CHECK(lr_tensor->numel() == 1 && (lr_tensor->scalar_type() == at::kFloat ||
-                                            lr_tensor->scalar_type() == at::kDouble),
-                "fused_optim: a tensor lr must be a one-element float32 or float64 tensor");
-    TORCH_CHECK(lr_tensor->device() == device, "fused_optim: lr is on ", lr_tensor->device(),
-                " but the params are on ", device);
-    args.lr_ptr = lr_tensor->data_ptr();
-    args.lr_is_f64 = lr_tensor->scalar_type() == at::kDouble;
-  }
+  lr_source(lr_tensor, device, args.lr_ptr, args.lr_is_f64);
   args.beta1 = beta1;
   args.beta2 = beta2;
   args.eps = eps;

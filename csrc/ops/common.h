@@ -58,6 +58,21 @@ inline void check_scalar_tensor(const std::optional<at::Tensor>& t, const at::De
               " but the params are on ", device);
 }
 
+// Where a kernel reads a tensor lr (a one-element float32 or float64 tensor on the params'
+// device) from; leaves ptr null without one.
+inline void lr_source(const std::optional<at::Tensor>& lr_tensor, const at::Device& device,
+                      const void*& ptr, bool& is_f64) {
+  ptr = nullptr;
+  if (!lr_tensor.has_value()) return;
+  TORCH_CHECK(lr_tensor->numel() == 1 && (lr_tensor->scalar_type() == at::kFloat ||
+                                          lr_tensor->scalar_type() == at::kDouble),
+              "fused_optim: a tensor lr must be a one-element float32 or float64 tensor");
+  TORCH_CHECK(lr_tensor->device() == device, "fused_optim: lr is on ", lr_tensor->device(),
+              " but the params are on ", device);
+  ptr = lr_tensor->data_ptr();
+  is_f64 = lr_tensor->scalar_type() == at::kDouble;
+}
+
 inline const float* ptr_or_null(const std::optional<at::Tensor>& t) {
   return t.has_value() ? t->data_ptr<float>() : nullptr;
 }

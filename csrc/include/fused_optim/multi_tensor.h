@@ -60,6 +60,40 @@ struct FlatTensor {
   int64_t numel;
 };
 
+// Where work item q of an Adafactor tensor lies: matrix b, rows [row0, row0 + n_rows), columns
+// [col0, col0 + n_cols); a full tensor's tile is one row of n_cols elements of its flat range
+// starting at col0. Decoded the same way by the CPU and CUDA kernels.
+struct AdafactorTile {
+  int64_t b, row0, n_rows, col0, n_cols;
+  int64_t rb, cb;  // its row-tile and column-tile index within the matrix
+};
+
+FO_HOST_DEVICE AdafactorTile adafactor_tile(const AdafactorTensor& t, int64_t q) {
+  AdafactorTile x{};
+  if (!t.factored) {
+    x.col0 = q * t.tile_cols;
+    const int64_t left = t.numel - x.col0;
+    x.n_rows = 1;
+    x.n_cols = left < 0 ? 0 : (left < t.tile_cols ? left : t.tile_cols);
+    return x;
+  }
+  const int64_t per_matrix = t.row_tiles * t.col_tiles;
+  x.b = q / per_matrix;
+  x.rb = (q % per_matrix) / t.col_tiles;
+  x.cb = q % t.col_tiles;
+  x.row0 = x.rb * t.tile_rows;
+  x.col0 = x.cb * t.tile_cols;
+  x.n_rows = t.rows - x.row0 < t.tile_rows ? t.rows - x.row0 : t.tile_rows;
+  x.n_cols = t.cols - x.col0 < t.tile_cols ? t.cols - x.col0 : t.tile_cols;
+  return x;
+}
+
+// Offset in its tensor of element (k, j) of a tile (k: the row within the tile).
+FO_HOST_DEVICE int64_t adafactor_offset(const AdafactorTensor& t, const AdafactorTile& x, int64_t k,
+                                        int64_t j) {
+  return t.factored ? (x.b * t.rows + x.row0 + k) * t.cols + x.col0 + j : x.col0 + j;
+}
+
 // Host and device: the CUDA Adam kernel finds the last block of a tensor with it.
 FO_HOST_DEVICE int64_t num_chunks(int64_t numel) {
   return numel == 0 ? 1 : (numel + kChunkSize - 1) / kChunkSize;
