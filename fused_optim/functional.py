@@ -175,6 +175,8 @@ def adafactor(
     """
     if not params:
         return
+    if lr is None:
+        raise TypeError("fused_optim: adafactor needs an lr (a float or a one-element tensor), got None")
     _backend(backend, params).adafactor(
         params, grads, row_vars, col_vars, variances, state_steps, lr=lr, beta2_decay=beta2_decay,
         eps1=eps1, eps2=eps2, d=d, weight_decay=weight_decay, maximize=maximize,
@@ -225,6 +227,8 @@ def adafactor_transformers(
     """
     if not params:
         return
+    if lr is None and not relative_step:
+        raise TypeError("fused_optim: adafactor_transformers with relative_step=False needs an lr, got None")
     _backend(backend, params).adafactor_transformers(
         params, grads, exp_avg_sq_rows, exp_avg_sq_cols, exp_avg_sqs, exp_avgs, rmss, state_steps,
         lr=lr, eps1=eps1, eps2=eps2, clip_threshold=clip_threshold, decay_rate=decay_rate,

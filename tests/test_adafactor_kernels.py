@@ -680,3 +680,55 @@ def test_kernels_compile_for_sm90():
     if proc.returncode != 0 and "ptxas" in proc.stderr and "not found" in proc.stderr.lower():
         pytest.skip("no ptxas available")
     assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+# ---- Found in review: non-finite scalars, expanded tensors, a missing lr -------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_infinite_lr_without_weight_decay_is_no_nan(backend):
+    """torch accepts lr=inf (rho = min(lr, 1/sqrt(t)) caps it): 1 - lr * 0 must not become NaN."""
+    _run_against_fp64(backend, "torch", dict(lr=float("inf")), shapes=SMALL, steps=2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_infinite_rms_without_weight_decay_is_no_nan(backend):
+    """transformers: an inf param makes RMS(theta) and alpha inf; without weight decay the decay
+    is skipped (not inf * 0), so the other elements get +-inf as in transformers, not NaN."""
+    device = _device(backend)
+    shapes = [(4, 6)]
+    ours = State("hf", _params(shapes, torch.float32, device), rms=True)
+    with torch.no_grad():
+        ours.params[0][0, 0] = float("inf")
+    ref = ours.copy()
+    kw = _kwargs("hf", {}, device, torch.float32)
+    grads = _grads(shapes, torch.float32, device, 0)
+    ours.step(grads, backend, **kw)
+    ref.step(grads, "reference", **_reference_kwargs(kw, torch.float32))
+    assert not ours.params[0].isnan().any()
+    assert torch.equal(ours.params[0].isinf(), ref.params[0].isinf())
+
+
+@pytest.mark.parametrize("flavour", ["torch", "hf"])
+@pytest.mark.parametrize("backend", [BACKENDS[0]])
+def test_expanded_written_tensor_is_refused_before_anything_changes(backend, flavour):
+    shapes = [(3, 4), (5,)]
+    ours = State(flavour, _params(shapes, torch.float32, "cpu"), beta1=flavour == "hf")
+    ours.states[2] = [torch.zeros(1).expand(5)]  # the full second moment of (5,): expanded
+    before = ours.copy()
+    kw = _kwargs(flavour, dict(beta1=0.9) if flavour == "hf" else {}, "cpu", torch.float32)
+    with pytest.raises(RuntimeError, match="sharing memory"):
+        ours.step(_grads(shapes, torch.float32, "cpu", 0), backend, **kw)
+    for name, tensors in ours.tensors().items():
+        for a, b in zip(tensors, before.tensors()[name], strict=True):
+            assert torch.equal(a, b), name
+
+
+def test_missing_lr_is_a_type_error():
+    p, g = [torch.zeros(3, 4)], [torch.ones(3, 4)]
+    rows, cols, steps = [torch.zeros(3)], [torch.zeros(4)], [torch.zeros(())]
+    with pytest.raises(TypeError, match="needs an lr"):
+        functional.adafactor(p, g, [torch.zeros(3, 1)], [torch.zeros(1, 4)], [], steps, lr=None)
+    with pytest.raises(TypeError, match="needs an lr"):
+        functional.adafactor_transformers(p, g, rows, cols, [], [], [], steps, lr=None, relative_step=False)
+    assert steps[0].item() == 0

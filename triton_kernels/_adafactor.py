@@ -221,10 +221,11 @@ def adafactor_apply_scalars(
         alpha = clamp_min_nan(rms, eps2.to(tl.float32)) * alpha
     denom = clamp_min_nan(tl.div_rn(rms_u, d.to(tl.float32)), 1.0)
     scale = tl.div_rn(alpha, denom)
+    # Exactly "no decay" without weight decay, even where lr or alpha is inf (inf * 0 = NaN).
     if TRANSFORMERS:
-        decay = weight_decay.to(tl.float32) * alpha
+        decay = tl.where(weight_decay != 0.0, weight_decay.to(tl.float32) * alpha, 0.0)
     else:
-        decay = (1.0 - lr * weight_decay).to(tl.float32)
+        decay = tl.where(weight_decay != 0.0, (1.0 - lr * weight_decay).to(tl.float32), 1.0)
     return scale, decay, rms
 
 

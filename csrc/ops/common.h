@@ -4,6 +4,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
 
 #include <cstring>
 #include <optional>
@@ -84,6 +85,7 @@ class Layouts {
  public:
   // Returns the tensor to hand to the kernel for `t`, laid out like `ref`.
   at::Tensor use(const at::Tensor& t, const at::Tensor& ref, bool written) {
+    if (written) check_writable(t);
     if (t.is_non_overlapping_and_dense() && t.strides() == ref.strides()) return t;
     // ref's layout, t's dtype (states may be fp32 under 16-bit params)
     at::Tensor work = at::empty_like(ref, ref.options().dtype(t.scalar_type()));
@@ -101,11 +103,20 @@ class Layouts {
   // Returns `t` when it is contiguous, else a contiguous working copy (row-major order is what
   // a kernel walking rows and columns needs, whatever the param's own layout).
   at::Tensor contiguous(const at::Tensor& t, bool written) {
+    if (written) check_writable(t);
     if (t.is_contiguous()) return t;
     at::Tensor work = t.contiguous();
     keep_alive_.push_back(work);
     if (written) write_back_.emplace_back(t, work);
     return work;
+  }
+  // A written tensor whose elements share memory (an expanded one) would be written back only
+  // after the kernels ran (copy_ refuses it then): refuse it while the plan is built, before
+  // anything changes.
+  static void check_writable(const at::Tensor& t) {
+    TORCH_CHECK(at::has_internal_overlap(t) != at::MemOverlap::Yes,
+                "fused_optim: a tensor of shape ", t.sizes(), " and strides ", t.strides(),
+                " that the step writes has elements sharing memory (an expanded tensor?)");
   }
   void finish() {
     for (auto& [dst, src] : write_back_) dst.copy_(src);

@@ -130,8 +130,8 @@ struct AdafactorHyper {
 // What phase 5 applies to every element of one tensor.
 struct AdafactorApply {
   float scale;  // the factor of u: alpha / max(1, RMS(u) / d)
-  float decay;  // torch: theta *= decay (1 - lr * wd, exactly 1 without decay);
-                // transformers: theta -= decay * theta (wd * alpha; skipped when 0)
+  float decay;  // torch: theta *= decay (1 - lr * wd, exactly 1 without weight decay);
+                // transformers: theta -= decay * theta (wd * alpha; 0, skipped, without)
   float beta1, one_minus_beta1;  // transformers' momentum
 };
 
@@ -161,7 +161,10 @@ FO_HOST_DEVICE AdafactorApply adafactor_apply_scalars(const AdafactorHyper& h, d
   a.scale = alpha / denom;
   a.beta1 = static_cast<float>(h.beta1);
   a.one_minus_beta1 = static_cast<float>(1.0 - h.beta1);
-  if (h.transformers) {
+  // Exactly "no decay" without weight decay, even where lr or alpha is inf (inf * 0 = NaN).
+  if (h.weight_decay == 0.0) {
+    a.decay = h.transformers ? 0.0f : 1.0f;
+  } else if (h.transformers) {
     a.decay = static_cast<float>(h.weight_decay) * alpha;
   } else {
     a.decay = static_cast<float>(1.0 - lr * h.weight_decay);
