@@ -9,8 +9,18 @@ Triton) or one parallel loop (native CPU), with a pure-PyTorch reference as the 
 from fused_optim import _ext, ops, transformers  # noqa: F401
 from fused_optim._backends import BACKENDS, available_backends
 from fused_optim.clip import clip_grad_norm_
-from fused_optim.optim import Adafactor, Adam, AdamW, AdaX, AdaXW
+from fused_optim.optim import SMMF, Adafactor, Adam, AdamW, AdaX, AdaXW
 
 __version__ = "0.1.0"
 
-__all__ = ["Adafactor", "Adam", "AdamW", "AdaX", "AdaXW", "clip_grad_norm_", "available_backends", "BACKENDS"]
+__all__ = [
+    "SMMF",
+    "Adafactor",
+    "Adam",
+    "AdamW",
+    "AdaX",
+    "AdaXW",
+    "clip_grad_norm_",
+    "available_backends",
+    "BACKENDS",
+]

@@ -236,3 +236,61 @@ def adafactor_transformers(
         relative_step=relative_step, warmup_init=warmup_init, grad_scale=grad_scale,
         found_inf=found_inf, clip_coef=clip_coef,
     )  # fmt: skip
+
+
+def smmf(
+    params,
+    grads,
+    row_ms,
+    col_ms,
+    signs,
+    row_vs,
+    col_vs,
+    exp_avgs,
+    exp_avg_sqs,
+    state_steps,
+    *,
+    lr: float | torch.Tensor = 1e-3,
+    beta: float | None = 0.9,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    decay_rate: float = -0.5,
+    growth_rate: float = 0.999,
+    vector_reshape: bool = True,
+    decoupled: bool = True,
+    grad_scale: torch.Tensor | None = None,
+    found_inf: torch.Tensor | None = None,
+    clip_coef: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> None:
+    r"""One fused SMMF step over lists of tensors, in place: the math of
+    :class:`fused_optim.SMMF` (ALGORITHMS.md section 4).
+
+    Args:
+        params, grads (list of Tensor): one entry per param, one dtype, one device.
+        row_ms, col_ms, signs (list of Tensor): the compressed first moment of each
+            square-matricized (n x m) param, in order: float32 [n] and [m], and the sign bits
+            as int32 [n, ceil(m / 32)]; ``[]`` when ``beta`` is None.
+        row_vs, col_vs (list of Tensor): the second moment's float32 factors [n] and [m].
+        exp_avgs, exp_avg_sqs (list of Tensor): the dense moments (the param's shape and dtype)
+            of the params that are vectors once squeezed when ``vector_reshape`` is False, in
+            order (``exp_avgs`` is ``[]`` when ``beta`` is None).
+        state_steps (list of Tensor): one-element float32 tensors, incremented by the call.
+        decoupled (bool): ``weight_decay_mode='adamw'`` (True) or ``'adam'`` (False).
+        The other arguments are those of :class:`fused_optim.SMMF`, and ``grad_scale``,
+        ``found_inf``, ``clip_coef``, ``backend`` as in :func:`adam`.
+    """
+    if not params:
+        return
+    impl = _backend(backend, params)
+    if not hasattr(impl, "smmf"):
+        if backend != "auto" and has_values(params[0]):
+            name = _backends.resolve(backend, params[0].device, params[0].dtype)
+            raise RuntimeError(f"fused_optim: backend {name!r} has no SMMF kernels in this build")
+        impl = _backends.get("reference", params[0].device)
+    impl.smmf(
+        params, grads, row_ms, col_ms, signs, row_vs, col_vs, exp_avgs, exp_avg_sqs, state_steps,
+        lr=lr, beta=beta, eps=eps, weight_decay=weight_decay, decay_rate=decay_rate,
+        growth_rate=growth_rate, vector_reshape=vector_reshape, decoupled=decoupled,
+        grad_scale=grad_scale, found_inf=found_inf, clip_coef=clip_coef,
+    )  # fmt: skip

@@ -239,6 +239,11 @@ _STATE_LIST_NAME = {
     "exp_avg_sq_rows": 'state["exp_avg_sq_row"] of ',
     "exp_avg_sq_cols": 'state["exp_avg_sq_col"] of ',
     "rmss": 'state["RMS"] of ',
+    "row_ms": 'state["row_m"] of ',
+    "col_ms": 'state["col_m"] of ',
+    "signs": 'state["sign"] of ',
+    "row_vs": 'state["row_v"] of ',
+    "col_vs": 'state["col_v"] of ',
 }
 _LIST_INDEX = re.compile(r"\b([A-Za-z_]+)\[(\d+)\]")
 
@@ -443,6 +448,10 @@ class FusedOptimizer(torch.optim.Optimizer):
             if device.type != "meta":
                 _backends.resolve(self.backend, device, dtype)
 
+    def _backend_name(self, device, dtype) -> str:
+        """The name of the backend that runs this optimizer's (device, dtype) params."""
+        return _backends.resolve(self.backend, device, dtype)
+
     @property
     def backends(self) -> dict[torch.device, str]:
         """The backend that runs each device's params, e.g. {device("cuda", 0): "cuda"}. Where
@@ -454,7 +463,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                 if p.device.type == "meta":
                     name = "traced"
                 else:
-                    name = _backends.resolve(self.backend, p.device, p.dtype)
+                    name = self._backend_name(p.device, p.dtype)
                 by_device.setdefault(p.device, {}).setdefault(name, set()).add(p.dtype)
         return {
             d: next(iter(names)) if len(names) == 1

@@ -22,12 +22,14 @@ def _holds(test, value) -> bool:
 
 
 class AdafactorFamily(FusedOptimizer):
-    # Both Adafactor flavours: per-param state keys (factored statistics for ndim >= 2, a full
-    # second moment otherwise), compact state lists per bucket, one backend function per
-    # flavour. Subclasses set KERNEL (the backend function's name), FLOAT_KEYS (group entries
-    # read as floats once), and implement _param_state_keys, _state_dtype, _lists, _hyper.
+    # Both Adafactor flavours, and SMMF (optim/smmf.py): per-param state keys (e.g. factored
+    # statistics for ndim >= 2, a full second moment otherwise), compact state lists per bucket,
+    # one backend function per algorithm. Subclasses set KERNEL (the backend function's name),
+    # FLOAT_KEYS (group entries read as floats once), and implement _param_state_keys,
+    # _state_dtype, _lists, _hyper.
 
     KERNEL = ""
+    ALGORITHM = "Adafactor"  # for error messages
     FLOAT_KEYS: tuple[str, ...] = ()
 
     # ---- state ------------------------------------------------------------------------------
@@ -74,8 +76,8 @@ class AdafactorFamily(FusedOptimizer):
     # ---- backend ----------------------------------------------------------------------------
 
     def _kernel_backend(self, device, dtype, traced: bool = False):
-        """The backend running this flavour on (device, dtype): auto passes over a backend
-        without Adafactor kernels to the reference; an explicit backend without them fails."""
+        """The backend running this algorithm on (device, dtype): auto passes over a backend
+        without its kernels to the reference; an explicit backend without them fails."""
         if traced:
             backend = _backends.for_tracing()
             return backend if hasattr(backend, self.KERNEL) else _backends.get("reference", device)
@@ -85,8 +87,17 @@ class AdafactorFamily(FusedOptimizer):
         explicit = self.backend != "auto" or os.environ.get(_backends.ENV_VAR, "auto") not in ("", "auto")
         if explicit:
             name = _backends.resolve(self.backend, device, dtype)
-            raise RuntimeError(f"fused_optim: backend {name!r} has no Adafactor kernels in this build")
+            raise RuntimeError(f"fused_optim: backend {name!r} has no {self.ALGORITHM} kernels in this build")
         return _backends.get("reference", device, dtype)
+
+    def _backend_name(self, device, dtype) -> str:
+        # "reference" where auto passes over a backend without this algorithm's kernels.
+        reference = _backends.get("reference", device)
+        return (
+            "reference"
+            if self._kernel_backend(device, dtype) is reference
+            else super()._backend_name(device, dtype)
+        )
 
     def _check_backends(self, params) -> None:
         super()._check_backends(params)

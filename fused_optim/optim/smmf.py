@@ -1,0 +1,220 @@
+"""SMMF: square-matricized momentum factorization (arXiv 2412.08894), fused."""
+
+import torch
+
+from fused_optim._reference.smmf import is_dense, sign_words, smmf_shape
+from fused_optim.optim._base import _as_float, kernel_lr
+from fused_optim.optim._docs import FUSED_ARGS, FUSED_ATTRIBUTES, FUSED_NOTES
+from fused_optim.optim.adafactor import AdafactorFamily, _holds
+
+_FACTORED_M = ("row_m", "col_m", "sign")
+_FACTORED_V = ("row_v", "col_v")
+_MODES = ("adamw", "adam")
+
+
+class SMMF(AdafactorFamily):
+    r"""Implements SMMF (square-matricized momentum factorization), fused.
+
+        A drop-in for the authors' ``SMMF`` (eai-lab/SMMF): the same arguments, defaults,
+        validation messages and param-group keys. Each param is viewed row-major as an n x m
+        matrix that depends only on its number of elements N (n = m = √N for a perfect square,
+        else m is the largest divisor of N below √N; a 0-d param is 1 x 1, a prime N gives N x 1),
+        and both Adam moments are kept compressed: the second moment V as non-negative factors
+        (r_V, c_V), the first moment M as the sign of each element plus factors (r_M, c_M) of |M|.
+        For each param, with :math:`t` the step (counted from 1) and :math:`g` its gradient:
+
+        .. code-block:: text
+
+            theta = theta * (1 - lr * weight_decay)     (weight_decay_mode='adamw')
+            g     = g + weight_decay * theta            (weight_decay_mode='adam')
+            beta_m = beta * growth_rate^(t - 1)
+            beta_v = 1 - t^decay_rate
+            M     = beta_m * (±r_M c_M^T) + (1 - beta_m) * g      (± the stored sign)
+            V     = beta_v * (r_V c_V^T)  + (1 - beta_v) * g^2
+            theta = theta - lr * M / (sqrt(V) + eps)    (g instead of M when beta is None)
+            sign  = M > 0
+            r_M, c_M = row and column sums of |M|, c_M / sum(c_M)   (skipped when the sum is 0)
+            r_V, c_V = row and column sums of V,   c_V / sum(c_V)
+
+        No bias correction. With ``vector_reshape=False``, a param whose squeezed shape is 1-D
+        keeps M and V whole (``exp_avg``, ``exp_avg_sq``, in the param's dtype).
+
+        State per factorized param: ``step`` (0-d float32), ``row_v`` [n] and ``col_v`` [m]
+        (float32), and with ``beta``: ``row_m`` [n], ``col_m`` [m] (float32) and ``sign``, the sign
+        bits packed into int32 words, shape [n, ceil(m / 32)] (bit b of word w of row i is
+        element (i, 32 w + b); rows are padded to whole words). That is 4 (2n + 2m) + 4 n ceil(m/32)
+        bytes, about 0.13 bytes per parameter on large tensors, against AdamW's 8. The authors'
+        state (tuples of factors, a bool sign matrix, an int step) is not the same layout, so their
+        state_dicts do not load here.
+
+        Args:
+            params (iterable): params to optimize, or dicts defining param groups.
+            lr (float or Tensor, optional): learning rate (default: 1e-3).
+            beta (float or None, optional): the first-moment coefficient, in [0, 1]; ``None``
+                keeps no first moment (default: 0.9).
+            eps (float, optional): added to sqrt(V) (default: 1e-8).
+            weight_decay (float, optional): weight decay coefficient (default: 0.0).
+            decay_rate (float, optional): the exponent of beta_v, in [-1, 0] (default: -0.5; the
+                authors suggest -0.8 for transformers).
+            growth_rate (float, optional): the decay of beta_m over steps, in [0, 1]
+                (default: 0.999).
+            vector_reshape (bool, optional): square-matricize params that are vectors once
+                squeezed too (default: True); ``False`` keeps their moments dense.
+            weight_decay_mode (str, optional): ``'adamw'`` (decoupled, default) or ``'adam'``
+                (L2: ``weight_decay * theta`` is added to the gradient). The authors' code computes
+                the L2 gradient and then does not use it, so 'adam' there decays nothing; here it
+                does. Any other value raises ``ValueError`` (the authors' code silently skips the
+                decay).
+    {FUSED_ARGS}
+
+    {FUSED_ATTRIBUTES}
+
+        {FUSED_NOTES}
+        Unlike the authors' code, which runs a chain of ops per param and reads ``sum(c) != 0`` on
+        the host for every param, a step never waits for the device.
+
+        Example:
+            >>> opt = fused_optim.SMMF(model.parameters(), lr=1e-3, decay_rate=-0.8)
+            >>> loss_fn(model(x), y).backward()
+            >>> opt.step()
+            >>> opt.zero_grad()
+    """
+
+    KERNEL = "smmf"
+    ALGORITHM = "SMMF"
+    FLOAT_KEYS = ("eps", "decay_rate", "growth_rate")
+
+    def __init__(
+        self,
+        params,
+        lr: float | torch.Tensor = 1e-3,
+        beta: float | None = 0.9,
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        decay_rate: float = -0.5,
+        growth_rate: float = 0.999,
+        vector_reshape: bool = True,
+        weight_decay_mode: str = "adamw",
+        *,
+        max_grad_norm: float | None = None,
+        backend: str = "auto",
+    ):
+        if weight_decay_mode not in _MODES:
+            raise ValueError(f"weight_decay_mode should be 'adamw' or 'adam'. Current: {weight_decay_mode!r}")
+        self.weight_decay_mode = weight_decay_mode
+        defaults = dict(
+            lr=lr, beta=beta, eps=eps, weight_decay=weight_decay, decay_rate=decay_rate,
+            growth_rate=growth_rate, vector_reshape=vector_reshape,
+        )  # fmt: skip
+        self._validate_group(defaults)
+        super().__init__(params, defaults, max_grad_norm=max_grad_norm, backend=backend)
+
+    def _validate_group(self, group) -> None:
+        # The authors' checks and messages (a value of the wrong type raises from the
+        # comparison, as it does there).
+        lr, beta, eps, wd = group["lr"], group["beta"], group["eps"], group["weight_decay"]
+        decay_rate, growth_rate = group["decay_rate"], group["growth_rate"]
+        if isinstance(lr, torch.Tensor) and lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+        if not _holds(lambda v: 0.0 <= v, lr):
+            raise ValueError(f"Learning-rate should be greater than or equal to 0.0. Current: {lr}")
+        if beta is not None and not _holds(lambda v: 0.0 <= v <= 1.0, beta):
+            raise ValueError(f"Beta should be in [0.0, 1.0]. Current: {beta}")
+        if not _holds(lambda v: 0.0 <= v, eps):
+            raise ValueError(f"Epilson should be greater than or equal to 0.0. Current: {eps}")
+        if not _holds(lambda v: 0.0 <= v, wd):
+            raise ValueError(f"Weight-decay should be greater than or equal to 0.0. Current: {wd}")
+        if not _holds(lambda v: -1.0 <= v <= 0.0, decay_rate):
+            raise ValueError(f"Decay-rate should be in [-1.0, 0.0]. Current: {decay_rate}")
+        if not _holds(lambda v: 0.0 <= v <= 1.0, growth_rate):
+            raise ValueError(f"Growth-rate should be in [0.0, 1.0]. Current: {growth_rate}")
+
+    def _read_hyper_tensors(self, group) -> None:
+        super()._read_hyper_tensors(group)
+        if isinstance(group.get("beta"), torch.Tensor):
+            group["beta"] = _as_float(group["beta"])
+
+    # ---- state ------------------------------------------------------------------------------
+
+    def _state_keys(self, group) -> tuple[str, ...]:
+        m = group["beta"] is not None
+        return (_FACTORED_M if m else ()) + _FACTORED_V + (("exp_avg",) if m else ()) + ("exp_avg_sq",)
+
+    def _param_state_keys(self, group, p) -> tuple[str, ...]:
+        m = group["beta"] is not None
+        if is_dense(p, group["vector_reshape"]):
+            return (("exp_avg",) if m else ()) + ("exp_avg_sq",)
+        return (_FACTORED_M if m else ()) + _FACTORED_V
+
+    @staticmethod
+    def _state_dtype_of(p, key: str) -> torch.dtype:
+        if key == "sign":
+            return torch.int32
+        return p.dtype if key in ("exp_avg", "exp_avg_sq") else torch.float32
+
+    @staticmethod
+    def _state_shape(p, key: str) -> tuple[int, ...]:
+        n, m = smmf_shape(p.numel())
+        if key in ("row_m", "row_v"):
+            return (n,)
+        if key in ("col_m", "col_v"):
+            return (m,)
+        if key == "sign":
+            return (n, sign_words(m))
+        return tuple(p.shape)
+
+    def _new_state(self, p, key):
+        dtype = self._state_dtype_of(p, key)
+        if key in ("exp_avg", "exp_avg_sq"):
+            return torch.zeros_like(p, memory_format=torch.preserve_format)
+        return p.new_zeros(self._state_shape(p, key), dtype=dtype)
+
+    def _usable_state(self, p, key, value):
+        dtype, shape = self._state_dtype_of(p, key), self._state_shape(p, key)
+        if not torch.is_tensor(value):
+            raise ValueError(f"fused_optim: state[{key!r}] must be a tensor, got {type(value).__name__}")
+        if value.dtype != dtype or value.device != p.device:
+            value = value.to(device=p.device, dtype=dtype)
+        if tuple(value.shape) != shape:
+            raise ValueError(
+                f"fused_optim: state[{key!r}] of a param of shape {tuple(p.shape)} has shape "
+                f"{tuple(value.shape)}, expected {shape}"
+            )
+        return super(AdafactorFamily, self)._usable_state(p, key, value)
+
+    def load_state_dict(self, state_dict):
+        """As torch.optim's, but the factors stay float32 and the sign words int32: torch.optim
+        casts every loaded state to its param's dtype, which would round sign words to float
+        and factors of 16-bit params to 16 bits."""
+        super().load_state_dict(state_dict)
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for saved_id, p in zip(saved_ids, params, strict=True):
+            saved = state_dict["state"].get(saved_id)
+            if not isinstance(saved, dict):
+                continue
+            for key in _FACTORED_M + _FACTORED_V:
+                value = saved.get(key)
+                if torch.is_tensor(value):
+                    dtype = self._state_dtype_of(p, key)
+                    self.state[p][key] = value.to(device=p.device, dtype=dtype, copy=True)
+
+    @staticmethod
+    def _lists(states) -> tuple:
+        return tuple(states.get(k, []) for k in _FACTORED_M + _FACTORED_V + ("exp_avg", "exp_avg_sq", "step"))
+
+    def _hyper(self, group) -> dict:
+        beta = group["beta"]
+        return dict(
+            lr=kernel_lr(group["lr"]), beta=None if beta is None else float(beta), eps=float(group["eps"]),
+            weight_decay=float(group["weight_decay"]), decay_rate=float(group["decay_rate"]),
+            growth_rate=float(group["growth_rate"]), vector_reshape=bool(group["vector_reshape"]),
+            decoupled=self.weight_decay_mode == "adamw",
+        )  # fmt: skip
+
+
+SMMF.__doc__ = SMMF.__doc__.format(
+    FUSED_ARGS=FUSED_ARGS, FUSED_ATTRIBUTES=FUSED_ATTRIBUTES, FUSED_NOTES=FUSED_NOTES.strip()
+)
+
+__all__ = ["SMMF"]
