@@ -6,12 +6,13 @@
 # .venv too: the spec is recorded in .venv/.torch-spec, and a different one reinstalls torch and
 # rebuilds the extension (scripts/venv_torch.sh). PYTHON picks the interpreter for a new .venv.
 # BENCH_ARGS passes options to bench/bench_adam.py, e.g. BENCH_ARGS="--cases 2000x1000";
-# BENCH_ADAFACTOR_ARGS to bench/bench_adafactor.py.
+# BENCH_ADAFACTOR_ARGS to bench/bench_adafactor.py, BENCH_SMMF_ARGS to bench/bench_smmf.py.
 
 PYTHON ?= python3
 TORCH_SPEC ?= torch==2.13.0
 BENCH_ARGS ?=
 BENCH_ADAFACTOR_ARGS ?=
+BENCH_SMMF_ARGS ?=
 # Pinned so that `make lint` means the same everywhere; matplotlib draws the bench chart;
 # transformers is an outside oracle of the Adafactor reference (tests only).
 RUFF_VERSION := 0.17.6
@@ -21,6 +22,8 @@ TRANSFORMERS_VERSION := 5.24.0
 TOOLS := setuptools wheel ninja pytest numpy triton ruff==$(RUFF_VERSION) \
 	clang-format==$(CLANG_FORMAT_VERSION) matplotlib==$(MATPLOTLIB_VERSION) \
 	transformers==$(TRANSFORMERS_VERSION)
+# The peers the bench times besides torch (not needed by the tests).
+BENCH_TOOLS := adv-optm==2.5.16 pytorch_optimizer==4.1.0
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.fused_optim-built
@@ -76,6 +79,7 @@ test: lint cuda-check pytest
 # it. Fails if either step fails.
 bench: setup
 	@$(PY) -c "import matplotlib" 2>/dev/null || { echo "make bench: matplotlib is not importable in $(VENV) (needed for the chart)" >&2; exit 1; }
+	@$(PY) -m pip install -q $(BENCH_TOOLS) || echo "make bench: could not install $(BENCH_TOOLS); those peers are skipped" >&2
 	@dev=$$($(PY) -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')") && \
 	csv=bench/results/bench_adam_$$dev.csv && \
 	echo "$(PY) bench/bench_adam.py --csv $$csv $(BENCH_ARGS)" && \
@@ -84,6 +88,10 @@ bench: setup
 	csv=bench/results/bench_adafactor_$$dev.csv && \
 	echo "$(PY) bench/bench_adafactor.py --csv $$csv $(BENCH_ADAFACTOR_ARGS)" && \
 	$(PY) bench/bench_adafactor.py --csv $$csv $(BENCH_ADAFACTOR_ARGS) && \
+	$(PY) bench/plot.py $$csv && \
+	csv=bench/results/bench_smmf_$$dev.csv && \
+	echo "$(PY) bench/bench_smmf.py --csv $$csv $(BENCH_SMMF_ARGS)" && \
+	$(PY) bench/bench_smmf.py --csv $$csv $(BENCH_SMMF_ARGS) && \
 	$(PY) bench/plot.py $$csv
 
 clean:

@@ -148,28 +148,30 @@ def run_case(name, shapes, cands, device, repeats, warmup, notes) -> int:
     return numel
 
 
-def rows_for(name, shapes, numel, cands, peak) -> list[dict]:
+def rows_for(name, shapes, numel, cands, peak, baseline=BASELINE, bytes_per_elem=None) -> list[dict]:
+    """CSV rows; bytes_per_elem maps an algorithm to the elements (x 4 B) a fused step must move."""
+    bytes_per_elem = bytes_per_elem or BYTES_PER_ELEM
     med = {c.name: statistics.median(c.times_ms) for c in cands if c.times_ms}
-    base = med.get(BASELINE)
+    base = med.get(baseline)
     rows = []
     for c in cands:
         if not c.times_ms:
             continue
         p10, *_, p90 = statistics.quantiles(c.times_ms, n=10, method="inclusive")
-        nbytes = numel * 4 * BYTES_PER_ELEM[c.algorithm]
+        nbytes = round(numel * 4 * bytes_per_elem[c.algorithm])
         gbps = nbytes / (med[c.name] * 1e-3) / 1e9
         rows.append(dict(
             case=name, n_tensors=len(shapes), n_params=numel, candidate=c.name, algorithm=c.algorithm,
             median_ms=round(med[c.name], 4), p10_ms=round(p10, 4), p90_ms=round(p90, 4),
-            baseline=BASELINE, speedup=round(base / med[c.name], 3) if base else "",
+            baseline=baseline, speedup=round(base / med[c.name], 3) if base else "",
             bytes_per_step=nbytes, gbps=round(gbps, 2), frac_of_peak=round(gbps / peak, 3) if peak else "",
             state_bytes_per_param=round(c.state_bytes / numel, 4), repeats=len(c.times_ms),
         ))  # fmt: skip
     return rows
 
 
-def print_table(rows: list[dict]) -> None:
-    head = ["case", "candidate", "median ms", "p10-p90 ms", f"vs {BASELINE}", "GB/s", "state B/param"]
+def print_table(rows: list[dict], baseline=BASELINE) -> None:
+    head = ["case", "candidate", "median ms", "p10-p90 ms", f"vs {baseline}", "GB/s", "state B/param"]
     lines = [
         [r["case"], r["candidate"], f"{r['median_ms']:.2f}", f"{r['p10_ms']:.2f}-{r['p90_ms']:.2f}",
          f"{r['speedup']:.2f}x" if r["speedup"] != "" else "n/a", f"{r['gbps']:.1f}",

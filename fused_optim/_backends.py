@@ -1,7 +1,7 @@
 """Backend registry: which implementation runs an algorithm for tensors on a given device.
 
 Every backend exposes the same functions (see fused_optim/functional.py for the arguments):
-adam(...), adafactor(...), adafactor_transformers(...), global_norm(tensors, norm_type,
+adam(...), adafactor(...), adafactor_transformers(...), smmf(...), global_norm(tensors, norm_type,
 max_norm, grad_scale) -> (norm, coef) and scale_(tensors, coef).
 
   cuda       fused_optim._C built with CUDA; CUDA tensors
@@ -91,6 +91,15 @@ def _native_adafactor_transformers(params, grads, rows, cols, sqs, exp_avgs, rms
     )  # fmt: skip
 
 
+def _native_smmf(params, grads, row_ms, col_ms, signs, row_vs, col_vs, exp_avgs, exp_avg_sqs, state_steps,
+                 *, lr, **kw):  # fmt: skip
+    lr, lr_tensor = _split_lr(lr, params[0].device)
+    torch.ops.fused_optim.smmf_(
+        params, grads, row_ms, col_ms, signs, row_vs, col_vs, exp_avgs, exp_avg_sqs, state_steps,
+        lr=lr, lr_tensor=lr_tensor, **kw,
+    )  # fmt: skip
+
+
 def list_adam_group(backend):
     """adam_group for backends without one of their own: a closure over the bucket's lists."""
 
@@ -110,6 +119,7 @@ def _native():
         adam_group=_native_adam_group,
         adafactor=_native_adafactor,
         adafactor_transformers=_native_adafactor_transformers,
+        smmf=_native_smmf,
         global_norm=lambda tensors, norm_type, max_norm, grad_scale=None: torch.ops.fused_optim.global_norm(
             tensors, float(norm_type), float(max_norm), grad_scale
         ),

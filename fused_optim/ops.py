@@ -36,6 +36,14 @@ if _ext.load_error is None:
         _check_one_device(params, grads, row_vars, col_vars, variances, exp_avgs, rmss, state_steps)
         return None
 
+    @torch.library.register_fake("fused_optim::smmf_")
+    def _smmf_fake(params, grads, row_ms, col_ms, signs, row_vs, col_vs, exp_avgs, exp_avg_sqs, state_steps,
+                   **kwargs):  # fmt: skip
+        _check_one_device(
+            params, grads, row_ms, col_ms, signs, row_vs, col_vs, exp_avgs, exp_avg_sqs, state_steps
+        )
+        return None
+
     @torch.library.register_fake("fused_optim::global_norm")
     def _global_norm_fake(tensors, norm_type, max_norm, grad_scale):
         _check_one_device(tensors)

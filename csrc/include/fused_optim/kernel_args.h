@@ -8,6 +8,7 @@
 
 #include "fused_optim/math/adafactor.h"
 #include "fused_optim/math/clip.h"
+#include "fused_optim/math/smmf.h"
 #include "fused_optim/multi_tensor.h"
 
 namespace fused_optim {
@@ -67,6 +68,34 @@ struct AdafactorArgs {
   double* tile_partials = nullptr;  // 2 per tile: sum of theta^2 (phase 1), of u^2 (phase 3)
   float* factors = nullptr;
   AdafactorApply* apply = nullptr;  // one per tensor (phase 4 -> phase 5)
+};
+
+// One SMMF step (math/smmf.h): pass 1 over `tiles` (tensor, tile), pass 2 over `parts`
+// (tensor, part). Dense tensors and empty ones have one part, which only counts the step.
+struct SmmfArgs {
+  const SmmfTensor* tensors = nullptr;
+  int32_t n_tensors = 0;
+  const WorkItem* tiles = nullptr;
+  int64_t n_tiles = 0;
+  const WorkItem* parts = nullptr;
+  int64_t n_parts = 0;
+
+  DType param_dtype = DType::kFloat32;  // grads and dense moments have the param dtype
+
+  double lr = 0.0;
+  const void* lr_ptr = nullptr;  // when set, lr is read from here (float32 or float64)
+  bool lr_is_f64 = false;
+  bool momentum = true;  // beta is not None
+  double beta = 0.9, eps = 1e-8, weight_decay = 0.0, decay_rate = -0.5, growth_rate = 0.999;
+  bool decoupled = true;  // weight_decay_mode 'adamw'
+
+  const float* grad_scale = nullptr;
+  const float* found_inf = nullptr;  // non-zero: skip the step, touch nothing
+  const float* clip_coef = nullptr;
+
+  // Scratch, on the params' device.
+  float* partials = nullptr;      // the row / column partial sums (SmmfTensor::partials)
+  double* tile_totals = nullptr;  // 2 per tile: the tile's sum of |M|, of V
 };
 
 // Per-work-item partial results of a p-norm, written in double to `partials[item]`.

@@ -12,6 +12,7 @@ namespace fused_optim {
 // csrc/cpu: a parallel loop over the work items.
 void adam_cpu(const AdamArgs& args);
 void adafactor_cpu(const AdafactorArgs& args);  // all five phases
+void smmf_cpu(const SmmfArgs& args);            // both passes
 void norm_partials_cpu(const NormPartialsArgs& args);
 void norm_finalize_cpu(const NormFinalizeArgs& args);
 void scale_cpu(const ScaleArgs& args);
@@ -20,6 +21,7 @@ void scale_cpu(const ScaleArgs& args);
 // csrc/cuda: one launch each; args' plan pointers are device pointers.
 void adam_cuda(const AdamArgs& args, cudaStream_t stream);
 void adafactor_cuda(const AdafactorArgs& args, cudaStream_t stream);  // five launches
+void smmf_cuda(const SmmfArgs& args, cudaStream_t stream);            // two launches
 void norm_partials_cuda(const NormPartialsArgs& args, cudaStream_t stream);
 void norm_finalize_cuda(const NormFinalizeArgs& args, cudaStream_t stream);
 void scale_cuda(const ScaleArgs& args, cudaStream_t stream);

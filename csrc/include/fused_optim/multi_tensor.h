@@ -54,6 +54,54 @@ struct AdafactorTensor {
   int32_t factored;
 };
 
+// One tensor of an SMMF call (math/smmf.h). Factorized: the n x m square-matricized matrix, cut
+// into tiles of tile_rows x tile_cols; dense (or empty): flat tiles of tile_cols elements.
+// Partial offsets index the call's float scratch: [row][column tile] sums of |M|, then of V,
+// then [row tile][column] sums of |M|, then of V.
+struct SmmfTensor {
+  void* param;
+  const void* grad;
+  float* row_m;  // factorized, with momentum: r_M [rows], c_M [cols], sign words [rows][words]
+  float* col_m;
+  int32_t* sign;
+  float* row_v;  // factorized: r_V [rows], c_V [cols]
+  float* col_v;
+  void* exp_avg;  // dense: M (with momentum) and V, laid out like param
+  void* exp_avg_sq;
+  float* step;
+  int64_t numel, rows, cols, words;
+  int64_t tile_rows, tile_cols, row_tiles, col_tiles;
+  int64_t first_tile;  // index of its first tile among the call's tiles
+  int64_t partials;    // offset of its partial sums in the call's scratch
+  int64_t row_parts;   // finalize parts over rows; the column parts follow
+  int32_t factored;
+};
+
+// Where tile q of an SMMF tensor lies: rows [row0, row0 + n_rows), columns [col0, col0 +
+// n_cols); a dense tensor's tile is the flat range of n_cols elements from col0.
+struct SmmfTile {
+  int64_t row0, n_rows, col0, n_cols;
+  int64_t rb, cb;  // its row-tile and column-tile index
+};
+
+FO_HOST_DEVICE SmmfTile smmf_tile(const SmmfTensor& t, int64_t q) {
+  SmmfTile x{};
+  if (!t.factored || t.numel == 0) {
+    x.col0 = q * t.tile_cols;
+    const int64_t left = t.numel - x.col0;
+    x.n_rows = 1;
+    x.n_cols = left < 0 ? 0 : (left < t.tile_cols ? left : t.tile_cols);
+    return x;
+  }
+  x.rb = q / t.col_tiles;
+  x.cb = q % t.col_tiles;
+  x.row0 = x.rb * t.tile_rows;
+  x.col0 = x.cb * t.tile_cols;
+  x.n_rows = t.rows - x.row0 < t.tile_rows ? t.rows - x.row0 : t.tile_rows;
+  x.n_cols = t.cols - x.col0 < t.tile_cols ? t.cols - x.col0 : t.tile_cols;
+  return x;
+}
+
 // Addresses of one tensor of a norm or scale call.
 struct FlatTensor {
   void* data;

@@ -1,0 +1,261 @@
+// The SMMF operator (math/smmf.h): torch.ops.fused_optim.smmf_. Checks the tensor lists, views
+// every factorized param as its square-matricized matrix (row-major; working copies when a
+// tensor is not), builds the tile / part plan and the scratch, and runs the two passes.
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <optional>
+#include <vector>
+
+#include "common.h"
+
+namespace fused_optim {
+namespace {
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// (n, m) of the square-matricized view of `numel` elements, as _reference/smmf.smmf_shape: the
+// largest divisor m <= sqrt(numel), n = numel / m; (0, 0) when empty.
+std::pair<int64_t, int64_t> smmf_shape(int64_t numel) {
+  if (numel <= 0) return {0, 0};
+  auto root = static_cast<int64_t>(std::sqrt(static_cast<double>(numel)));
+  while (root * root > numel) --root;
+  while ((root + 1) * (root + 1) <= numel) ++root;
+  for (int64_t i = root; i > 1; --i) {
+    if (numel % i == 0) return {numel / i, i};
+  }
+  return {numel, 1};
+}
+
+// The authors' dense path: vector_reshape=False and exactly one dimension other than 1.
+bool takes_dense_path(const at::Tensor& p, bool vector_reshape) {
+  if (vector_reshape) return false;
+  int64_t dims = 0;
+  for (const int64_t s : p.sizes()) dims += s != 1 ? 1 : 0;
+  return dims == 1;
+}
+
+// The CPU reuses one scratch buffer per thread: pass 2 has finished with it when the call
+// returns, and a fresh multi-megabyte allocation per step would cost page faults every step.
+at::Tensor cpu_scratch(int64_t bytes) {
+  thread_local at::Tensor buffer;
+  if (!buffer.defined() || buffer.numel() < bytes) buffer = at::empty({bytes}, at::kByte);
+  return buffer;
+}
+
+void smmf_(at::TensorList params, at::TensorList grads, at::TensorList row_ms,
+           at::TensorList col_ms, at::TensorList signs, at::TensorList row_vs,
+           at::TensorList col_vs, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+           at::TensorList steps, double lr, const std::optional<at::Tensor>& lr_tensor,
+           std::optional<double> beta, double eps, double weight_decay, double decay_rate,
+           double growth_rate, bool vector_reshape, bool decoupled,
+           const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+           const std::optional<at::Tensor>& clip_coef) {
+  const size_t n = params.size();
+  if (n == 0) return;
+  TORCH_CHECK(grads.size() == n && steps.size() == n,
+              "fused_optim: params, grads and state_steps must have the same length, got ", n, ", ",
+              grads.size(), ", ", steps.size());
+  const bool momentum = beta.has_value();
+  size_t n_dense = 0;
+  for (const at::Tensor& p : params) n_dense += takes_dense_path(p, vector_reshape) ? 1 : 0;
+  const size_t n_fac = n - n_dense;
+  TORCH_CHECK(row_vs.size() == n_fac && col_vs.size() == n_fac && exp_avg_sqs.size() == n_dense,
+              "fused_optim: expected row_vs and col_vs for each of the ", n_fac,
+              " factorized params and exp_avg_sqs for each of the ", n_dense, " dense ones, got ",
+              row_vs.size(), ", ", col_vs.size(), " and ", exp_avg_sqs.size());
+  const size_t want_fac_m = momentum ? n_fac : 0, want_dense_m = momentum ? n_dense : 0;
+  TORCH_CHECK(row_ms.size() == want_fac_m && col_ms.size() == want_fac_m &&
+                  signs.size() == want_fac_m && exp_avgs.size() == want_dense_m,
+              "fused_optim: with beta ", momentum ? "set" : "None", " expected ", want_fac_m,
+              " row_ms, col_ms and signs and ", want_dense_m, " exp_avgs, got ", row_ms.size(),
+              ", ", col_ms.size(), ", ", signs.size(), " and ", exp_avgs.size());
+
+  const at::Device device = params[0].device();
+  check_scalar_tensor(grad_scale, device, "grad_scale");
+  check_scalar_tensor(found_inf, device, "found_inf");
+  check_scalar_tensor(clip_coef, device, "clip_coef");
+
+  SmmfArgs args;
+  args.param_dtype = to_dtype(params[0], "params[0]");
+  args.momentum = momentum;
+  args.beta = momentum ? *beta : 0.0;
+  args.eps = eps;
+  args.weight_decay = weight_decay;
+  args.decay_rate = decay_rate;
+  args.growth_rate = growth_rate;
+  args.decoupled = decoupled;
+  args.lr = lr;
+  lr_source(lr_tensor, device, args.lr_ptr, args.lr_is_f64);
+  args.grad_scale = ptr_or_null(grad_scale);
+  args.found_inf = ptr_or_null(found_inf);
+  args.clip_coef = ptr_or_null(clip_coef);
+
+  const bool cpu = device.is_cpu();
+  const int64_t tile_elems = cpu ? kSmmfCpuTileElems : kSmmfCudaTileElems;
+  const int64_t max_cols = cpu ? kSmmfCpuMaxCols : kSmmfCudaMaxCols;
+  Layouts layouts;
+  std::vector<SmmfTensor> records(n);
+  std::vector<WorkItem> tiles, parts;
+  int64_t partials = 0;
+  size_t next_fac = 0, next_dense = 0;
+  for (size_t i = 0; i < n; ++i) {
+    const auto ii = static_cast<int64_t>(i);
+    const at::Tensor& p = params[i];
+    check_plain(p, "params", ii);
+    check_plain(grads[i], "grads", ii);
+    check_same_device(p, device, "params", ii);
+    check_same_device(grads[i], device, "grads", ii);
+    TORCH_CHECK_TYPE(p.scalar_type() == params[0].scalar_type() &&
+                         grads[i].scalar_type() == params[0].scalar_type(),
+                     "fused_optim: params[", i, "] and grads[", i, "] must both have dtype ",
+                     params[0].scalar_type(), " (one call per dtype), got ", p.scalar_type(),
+                     " and ", grads[i].scalar_type());
+    TORCH_CHECK(grads[i].sizes() == p.sizes(), "fused_optim: grads[", i, "] has shape ",
+                grads[i].sizes(), " but params[", i, "] has shape ", p.sizes());
+    TORCH_CHECK(steps[i].numel() == 1 && steps[i].scalar_type() == at::kFloat &&
+                    steps[i].device() == device,
+                "fused_optim: state_steps[", i, "] must be a one-element float32 tensor on ",
+                device);
+    // The matricized view is of the row-major flattening.
+    const at::Tensor ref = p.is_contiguous() ? p : at::empty_like(p, at::MemoryFormat::Contiguous);
+    auto state = [&](const at::Tensor& t, const char* what, int64_t numel, at::ScalarType type) {
+      check_plain(t, what, ii);
+      check_same_device(t, device, what, ii);
+      TORCH_CHECK_TYPE(t.scalar_type() == type, "fused_optim: ", what, "[", i, "] has dtype ",
+                       t.scalar_type(), ", expected ", type);
+      TORCH_CHECK(t.numel() == numel, "fused_optim: ", what, "[", i, "] has ", t.numel(),
+                  " elements, expected ", numel, " for params[", i, "] of shape ", p.sizes());
+    };
+
+    SmmfTensor& r = records[i];
+    r.numel = p.numel();
+    r.first_tile = static_cast<int64_t>(tiles.size());
+    r.step = steps[i].data_ptr<float>();
+    const bool dense = takes_dense_path(p, vector_reshape);
+    const size_t k = dense ? next_dense++ : next_fac++;
+    int64_t n_tiles = 1, n_parts = 1;
+    if (dense) {
+      state(exp_avg_sqs[k], "exp_avg_sqs", r.numel, p.scalar_type());
+      if (momentum) state(exp_avgs[k], "exp_avgs", r.numel, p.scalar_type());
+      if (r.numel > 0) {
+        r.param = layouts.use(p, ref, true).data_ptr();
+        r.grad = layouts.use(grads[i], ref, false).data_ptr();
+        r.exp_avg_sq = layouts.use(exp_avg_sqs[k], ref, true).data_ptr();
+        if (momentum) r.exp_avg = layouts.use(exp_avgs[k], ref, true).data_ptr();
+        r.tile_rows = 1;
+        r.tile_cols = tile_elems;  // a dense tensor's tiles are flat ranges
+        n_tiles = ceil_div(r.numel, tile_elems);
+      }
+    } else {
+      r.factored = 1;
+      const auto [rows, cols] = smmf_shape(r.numel);
+      r.rows = rows;
+      r.cols = cols;
+      r.words = smmf_sign_words(cols);
+      state(row_vs[k], "row_vs", rows, at::kFloat);
+      state(col_vs[k], "col_vs", cols, at::kFloat);
+      r.row_v = layouts.contiguous(row_vs[k], true).data_ptr<float>();
+      r.col_v = layouts.contiguous(col_vs[k], true).data_ptr<float>();
+      if (momentum) {
+        state(row_ms[k], "row_ms", rows, at::kFloat);
+        state(col_ms[k], "col_ms", cols, at::kFloat);
+        state(signs[k], "signs", rows * r.words, at::kInt);
+        r.row_m = layouts.contiguous(row_ms[k], true).data_ptr<float>();
+        r.col_m = layouts.contiguous(col_ms[k], true).data_ptr<float>();
+        r.sign = layouts.contiguous(signs[k], true).data_ptr<int32_t>();
+      }
+      if (r.numel > 0) {
+        r.param = layouts.use(p, ref, true).data_ptr();
+        r.grad = layouts.use(grads[i], ref, false).data_ptr();
+        const SmmfTileShape shape = smmf_tile_shape(rows, cols, tile_elems, max_cols);
+        r.tile_rows = shape.rows;
+        r.tile_cols = shape.cols;
+        r.row_tiles = ceil_div(rows, shape.rows);
+        r.col_tiles = ceil_div(cols, shape.cols);
+        r.partials = partials;
+        partials += 2 * (rows * r.col_tiles + r.row_tiles * cols);
+        n_tiles = r.row_tiles * r.col_tiles;
+        r.row_parts = ceil_div(rows, kSmmfFinalizeChunk);
+        n_parts = r.row_parts + ceil_div(cols, kSmmfFinalizeChunk);
+      }
+    }
+    TORCH_CHECK(n_tiles <= INT32_MAX, "fused_optim: params[", i, "] is too large");
+    for (int64_t q = 0; q < n_tiles; ++q) {
+      tiles.push_back({static_cast<int32_t>(i), static_cast<int32_t>(q)});
+    }
+    for (int64_t q = 0; q < n_parts; ++q) {
+      parts.push_back({static_cast<int32_t>(i), static_cast<int32_t>(q)});
+    }
+  }
+  // Two records over one memory would race inside the parallel loop / grid; refuse them.
+  std::vector<void*> seen;
+  for (const SmmfTensor& r : records) {
+    if (r.numel > 0) seen.push_back(r.param);
+  }
+  std::sort(seen.begin(), seen.end());
+  TORCH_CHECK(std::adjacent_find(seen.begin(), seen.end()) == seen.end(),
+              "fused_optim: the same parameter memory appears twice in one call; pass each "
+              "parameter once");
+
+  // Scratch: the tile totals (doubles), then the partial sums.
+  const int64_t totals_bytes = static_cast<int64_t>(tiles.size()) * 16;
+  const int64_t bytes = totals_bytes + partials * 4;
+  const at::Tensor scratch =
+      cpu ? cpu_scratch(bytes)
+          : at::empty({bytes}, at::TensorOptions().dtype(at::kByte).device(device));
+  auto* base = static_cast<uint8_t*>(scratch.data_ptr());
+  args.tile_totals = reinterpret_cast<double*>(base);
+  args.partials = reinterpret_cast<float*>(base + totals_bytes);
+  args.n_tensors = static_cast<int32_t>(n);
+  args.n_tiles = static_cast<int64_t>(tiles.size());
+  args.n_parts = static_cast<int64_t>(parts.size());
+
+  if (cpu) {
+    args.tensors = records.data();
+    args.tiles = tiles.data();
+    args.parts = parts.data();
+    smmf_cpu(args);
+  } else {
+#ifdef FO_WITH_CUDA
+    TORCH_CHECK(device.is_cuda(), "fused_optim: unsupported device ", device);
+    c10::cuda::CUDAGuard guard(device);
+    // Records, then the tiles, then the parts: one upload, cached by content.
+    std::vector<WorkItem> items = tiles;
+    items.insert(items.end(), parts.begin(), parts.end());
+    const DevicePlan plan = upload_plan(
+        pack_plan(records, items), records.size() * sizeof(SmmfTensor), args.n_tensors, device);
+    args.tensors = static_cast<const SmmfTensor*>(plan.records);
+    args.tiles = static_cast<const WorkItem*>(plan.items);
+    args.parts = args.tiles + args.n_tiles;
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
+    // The scratch is freed when this returns: allocated on this stream, it is handed out again
+    // only to work queued after these kernels.
+    smmf_cuda(args, stream);
+#else
+    TORCH_CHECK(false, "fused_optim: this build has no CUDA kernels (device ", device, ")");
+#endif
+  }
+  layouts.finish();
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(fused_optim, m) {
+  m.def(
+      "smmf_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] row_ms, Tensor(c!)[] col_ms, "
+      "Tensor(d!)[] signs, Tensor(e!)[] row_vs, Tensor(f!)[] col_vs, Tensor(g!)[] exp_avgs, "
+      "Tensor(h!)[] exp_avg_sqs, Tensor(i!)[] state_steps, *, float lr, Tensor? lr_tensor, "
+      "float? beta, float eps, float weight_decay, float decay_rate, float growth_rate, "
+      "bool vector_reshape, bool decoupled, Tensor? grad_scale, Tensor? found_inf, "
+      "Tensor? clip_coef) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(fused_optim, CPU, m) { m.impl("smmf_", &smmf_); }
+
+#ifdef FO_WITH_CUDA
+TORCH_LIBRARY_IMPL(fused_optim, CUDA, m) { m.impl("smmf_", &smmf_); }
+#endif
+
+}  // namespace fused_optim
