@@ -255,3 +255,60 @@ def test_adafactor_step_captured_in_a_cuda_graph(backend):
     torch.cuda.synchronize()
     for p, q in zip(ours, theirs, strict=True):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def _smmf_pair(backend, **kw):
+    """(params, SMMF on `backend`, params copies, the same optimizer on them) for repeat runs."""
+    shapes = ADAFACTOR_SHAPES + [(50, 70), (3, 1000), (37,)]
+    ours = [torch.nn.Parameter(t) for t in random_tensors(shapes, torch.float32, "cuda", 13)]
+    again = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    return (
+        ours,
+        fused_optim.SMMF(ours, backend=backend, **kw),
+        again,
+        fused_optim.SMMF(again, backend=backend, **kw),
+    )
+
+
+@pytest.mark.parametrize("backend", _gpu_backends())
+@pytest.mark.parametrize("clip", [None, 1.0])
+def test_smmf_launches_and_determinism(backend, clip):
+    """At most 3 launches per step (5 with clipping: norm and coefficient), for any number of
+    tensors, and bit-identical results from identical inputs (the step-by-step comparison with
+    the reference is tests/test_smmf_kernels.py's, which runs the cuda backend too)."""
+    ours, opt, again, opt2 = _smmf_pair(backend, max_grad_norm=clip, weight_decay=0.1)
+    for params, o in ((ours, opt), (again, opt2)):
+        for step in range(3):
+            _set_grads(params, step)
+            o.step()
+    for p, q in zip(ours, again, strict=True):
+        assert torch.equal(p, q)
+        for k, v in opt.state[p].items():
+            assert torch.equal(v, opt2.state[q][k]), k
+    assert _count_kernels(opt.step) <= (5 if clip else 3)
+
+
+@pytest.mark.parametrize("backend", _gpu_backends())
+def test_smmf_step_captured_in_a_cuda_graph(backend):
+    lr = torch.tensor(1e-2, device="cuda")
+    ours, opt, again, eager = _smmf_pair(backend, lr=lr)
+    _set_grads(ours, 0)
+    _set_grads(again, 0)
+    opt.step()  # state and plans set up outside the capture
+    eager.step()
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        opt.step()
+    torch.cuda.current_stream().wait_stream(stream)
+    eager.step()
+    with torch.cuda.graph(graph):
+        opt.step()
+    for _ in range(3):
+        graph.replay()
+        eager.step()
+    torch.cuda.synchronize()
+    for p, q in zip(ours, again, strict=True):
+        assert torch.equal(p, q)
+        assert opt.state[p]["step"].item() == eager.state[q]["step"].item() == 5

@@ -10,7 +10,7 @@ reference's M is within rounding of 0 (there a 1-ulp difference may flip the sto
 from then on a trajectory would differ by design, which is why runs are not compared end to end).
 
 The triton cases run on CPU tensors under TRITON_INTERPRET=1 (CI) or on CUDA tensors; sizes are
-small, since the interpreter runs every program in Python."""
+small, since the interpreter runs every program in Python. The cuda cases need a GPU."""
 
 import importlib.util
 import os
@@ -44,9 +44,16 @@ def _triton_unavailable() -> str | None:
 _CPU_REASON = _cpu_unavailable()
 _TRITON_REASON = _triton_unavailable()
 triton_only = [pytest.mark.triton, pytest.mark.skipif(_TRITON_REASON is not None, reason=str(_TRITON_REASON))]
+_CUDA_REASON = (
+    _backends.unavailable_reason("cuda", "cuda") if torch.cuda.is_available() else "needs a CUDA device"
+)
 BACKENDS = [
     pytest.param("cpu", marks=pytest.mark.skipif(_CPU_REASON is not None, reason=str(_CPU_REASON)), id="cpu"),
     pytest.param("triton", marks=triton_only, id="triton"),
+    pytest.param(
+        "cuda",
+        marks=[pytest.mark.gpu, pytest.mark.skipif(_CUDA_REASON is not None, reason=str(_CUDA_REASON))],
+    ),
 ]
 
 
@@ -290,8 +297,8 @@ def test_later_steps_with_nonzero_state(backend):
 def test_many_small_tensors_and_larger_ones(backend):
     """Many small tensors in one call, plus (on the cpu backend) one of several tiles."""
     shapes = [(1 + i % 13, 1 + i % 5) for i in range(60)] + [(300, 7)]
-    if backend == "cpu":
-        shapes.append((600, 1000))  # 800 x 750: three row tiles of the CPU plan
+    if backend != "triton" or not INTERPRET:
+        shapes.append((600, 1000))  # 800 x 750: three row tiles on the CPU, 3 x 25 on CUDA
     _run(backend, {}, shapes=shapes, steps=2)
 
 
