@@ -12,6 +12,7 @@ from then on a trajectory would differ by design, which is why runs are not comp
 The triton cases run on CPU tensors under TRITON_INTERPRET=1 (CI) or on CUDA tensors; sizes are
 small, since the interpreter runs every program in Python. The cuda cases need a GPU."""
 
+import importlib
 import importlib.util
 import os
 import sys
@@ -394,3 +395,40 @@ def test_bad_arguments_raise(backend):
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+@pytest.fixture
+def launch_grids(monkeypatch):
+    _plan = importlib.import_module("fused_optim.triton_kernels._plan")
+    grids = []
+    real = _plan._launch
+
+    def counting(kernel, grid, *args, **kwargs):
+        grids.append(grid)
+        real(kernel, grid, *args, **kwargs)
+
+    monkeypatch.setattr(_plan, "_launch", counting)
+    return grids
+
+
+@pytest.mark.parametrize("backend", [pytest.param("triton", marks=triton_only)])
+def test_two_launches_whatever_the_tensor_count(backend, launch_grids):
+    """Two launches for 10 and for 300 tensors of mixed kinds (factorized, dense, empty), the
+    update covering every tile and the finalize every part."""
+    device = _device(backend)
+    for count in (10, 300):
+        shapes = [
+            [(1 + i % 30,), (1 + i % 4, 1 + i % 9), (0,), (2, 1 + i % 3, 2 + i % 5)][i % 4]
+            for i in range(count)
+        ]
+        kw = _kwargs(dict(vector_reshape=False), device)
+        ours = State(_params(shapes, torch.float32, device), kw["beta"], kw.pop("vector_reshape"))
+        for k in range(2):
+            launch_grids.clear()
+            before = [p.clone() for p in ours.params]
+            ours.step(_grads(shapes, torch.float32, device, k), backend, **kw)
+            assert len(launch_grids) == 2
+            assert launch_grids[0][0] >= count and launch_grids[1][0] >= count
+            moved = [not torch.equal(p, b) for p, b in zip(ours.params, before, strict=True) if p.numel()]
+            assert all(moved)
+        assert all(s.item() == 2.0 for s in ours.steps)

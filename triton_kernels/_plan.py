@@ -207,17 +207,16 @@ def check_runnable(kernel, device: torch.device) -> None:
         )
 
 
-def check_plain(t, what: str, i: int) -> None:
+def check_plain(t, what: str, i: int, dtypes=DTYPES) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"fused_optim: {what}[{i}] is a {type(t).__name__}, not a tensor")
     if t.layout != torch.strided:
         raise RuntimeError(f"fused_optim: {what}[{i}] is sparse; fused optimizers support dense tensors only")
     if t.is_complex():
         raise TypeError(f"fused_optim: {what}[{i}] is complex; view it as real (torch.view_as_real) first")
-    if t.dtype not in DTYPES:
-        raise TypeError(
-            f"fused_optim: {what}[{i}] has dtype {t.dtype}; the supported ones are float32, float16, bfloat16"
-        )
+    if t.dtype not in dtypes:
+        names = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
+        raise TypeError(f"fused_optim: {what}[{i}] has dtype {t.dtype}; the supported ones are {names}")
 
 
 def check_device(t, device: torch.device, what: str) -> None:
