@@ -22,15 +22,8 @@ __device__ __forceinline__ bool skipped(const AdafactorArgs& a) {
   return a.found_inf != nullptr && *a.found_inf != 0.0f;  // GradScaler: the step is skipped
 }
 
-template <typename T>
-__device__ __forceinline__ float load(const void* p, int64_t i) {
-  return cuda::Convert<T>::to_float(static_cast<const T*>(p)[i]);
-}
-
-template <typename T>
-__device__ __forceinline__ void store(void* p, int64_t i, float x) {
-  static_cast<T*>(p)[i] = cuda::Convert<T>::from_float(x);
-}
+using cuda::load;
+using cuda::store;
 
 // u of element (k, j) of a tile: recomputed from g and the factors (or the full v) wherever
 // it is needed, so it is never stored.

@@ -37,15 +37,8 @@ __device__ __forceinline__ double read_lr(const SmmfArgs& a) {
                      : static_cast<double>(*static_cast<const float*>(a.lr_ptr));
 }
 
-template <typename T>
-__device__ __forceinline__ float load(const void* p, int64_t i) {
-  return cuda::Convert<T>::to_float(static_cast<const T*>(p)[i]);
-}
-
-template <typename T>
-__device__ __forceinline__ void store(void* p, int64_t i, float x) {
-  static_cast<T*>(p)[i] = cuda::Convert<T>::from_float(x);
-}
+using cuda::load;
+using cuda::store;
 
 __device__ __forceinline__ float warp_sum(float x) {
 #pragma unroll

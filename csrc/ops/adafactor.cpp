@@ -110,21 +110,7 @@ void adafactor_(at::TensorList params, at::TensorList grads, at::TensorList rows
   for (size_t i = 0; i < n; ++i) {
     const auto ii = static_cast<int64_t>(i);
     const at::Tensor& p = params[i];
-    check_plain(p, "params", ii);
-    check_plain(grads[i], "grads", ii);
-    check_same_device(p, device, "params", ii);
-    check_same_device(grads[i], device, "grads", ii);
-    TORCH_CHECK_TYPE(p.scalar_type() == params[0].scalar_type() &&
-                         grads[i].scalar_type() == params[0].scalar_type(),
-                     "fused_optim: params[", i, "] and grads[", i, "] must both have dtype ",
-                     params[0].scalar_type(), " (one call per dtype), got ", p.scalar_type(),
-                     " and ", grads[i].scalar_type());
-    TORCH_CHECK(grads[i].sizes() == p.sizes(), "fused_optim: grads[", i, "] has shape ",
-                grads[i].sizes(), " but params[", i, "] has shape ", p.sizes());
-    TORCH_CHECK(steps[i].numel() == 1 && steps[i].scalar_type() == at::kFloat &&
-                    steps[i].device() == device,
-                "fused_optim: state_steps[", i, "] must be a one-element float32 tensor on ",
-                device);
+    check_param_grad_step(params, grads, steps, i, device);
     // The kernels walk rows and columns of the row-major layout.
     const at::Tensor ref = p.is_contiguous() ? p : at::empty_like(p, at::MemoryFormat::Contiguous);
     auto state = [&](const at::Tensor& t, const char* what, int64_t numel) {
@@ -202,15 +188,7 @@ void adafactor_(at::TensorList params, at::TensorList grads, at::TensorList rows
       tiles.push_back({static_cast<int32_t>(i), static_cast<int32_t>(q)});
     }
   }
-  // Two records over one memory would race inside the parallel loop / grid; refuse them.
-  std::vector<void*> seen;
-  for (const AdafactorTensor& r : records) {
-    if (r.numel > 0) seen.push_back(r.param);
-  }
-  std::sort(seen.begin(), seen.end());
-  TORCH_CHECK(std::adjacent_find(seen.begin(), seen.end()) == seen.end(),
-              "fused_optim: the same parameter memory appears twice in one call; pass each "
-              "parameter once");
+  check_distinct_params(records);
 
   ScratchLayout sl;
   int64_t at_byte = 0;

@@ -6,6 +6,7 @@
 #include <ATen/ATen.h>
 #include <ATen/MemoryOverlap.h>
 
+#include <algorithm>
 #include <cstring>
 #include <optional>
 #include <utility>
@@ -57,6 +58,41 @@ inline void check_scalar_tensor(const std::optional<at::Tensor>& t, const at::De
               " elements");
   TORCH_CHECK(t->device() == device, "fused_optim: ", what, " is on ", t->device(),
               " but the params are on ", device);
+}
+
+// params[i], grads[i] and state_steps[i] of a call whose tensors live on `device`: plain, on
+// the device, one dtype for params and grads (that of params[0]), same shapes, a float32 step.
+inline void check_param_grad_step(at::TensorList params, at::TensorList grads, at::TensorList steps,
+                                  size_t i, const at::Device& device) {
+  const auto ii = static_cast<int64_t>(i);
+  const at::Tensor& p = params[i];
+  check_plain(p, "params", ii);
+  check_plain(grads[i], "grads", ii);
+  check_same_device(p, device, "params", ii);
+  check_same_device(grads[i], device, "grads", ii);
+  TORCH_CHECK_TYPE(p.scalar_type() == params[0].scalar_type() &&
+                       grads[i].scalar_type() == params[0].scalar_type(),
+                   "fused_optim: params[", i, "] and grads[", i, "] must both have dtype ",
+                   params[0].scalar_type(), " (one call per dtype), got ", p.scalar_type(), " and ",
+                   grads[i].scalar_type());
+  TORCH_CHECK(grads[i].sizes() == p.sizes(), "fused_optim: grads[", i, "] has shape ",
+              grads[i].sizes(), " but params[", i, "] has shape ", p.sizes());
+  TORCH_CHECK(
+      steps[i].numel() == 1 && steps[i].scalar_type() == at::kFloat && steps[i].device() == device,
+      "fused_optim: state_steps[", i, "] must be a one-element float32 tensor on ", device);
+}
+
+// Two records over one param's memory would race inside a parallel loop / grid: refuse them.
+template <typename Record>
+void check_distinct_params(const std::vector<Record>& records) {
+  std::vector<void*> seen;
+  for (const Record& r : records) {
+    if (r.numel > 0) seen.push_back(r.param);
+  }
+  std::sort(seen.begin(), seen.end());
+  TORCH_CHECK(std::adjacent_find(seen.begin(), seen.end()) == seen.end(),
+              "fused_optim: the same parameter memory appears twice in one call; pass each "
+              "parameter once");
 }
 
 // Where a kernel reads a tensor lr (a one-element float32 or float64 tensor on the params'

@@ -39,6 +39,17 @@ struct Convert<__nv_bfloat16> {
   }
 };
 
+// Element i of a tensor of storage type T, as fp32, and back (round to nearest even).
+template <typename T>
+__device__ __forceinline__ float load(const void* p, int64_t i) {
+  return Convert<T>::to_float(static_cast<const T*>(p)[i]);
+}
+
+template <typename T>
+__device__ __forceinline__ void store(void* p, int64_t i, float x) {
+  static_cast<T*>(p)[i] = Convert<T>::from_float(x);
+}
+
 // Alignment every base pointer must have for the vectorised paths. Chunk starts are multiples
 // of kChunkSize elements, so an aligned base makes every chunk's vectors aligned too.
 constexpr int kVecBytes = 16;
