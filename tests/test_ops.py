@@ -54,3 +54,21 @@ def test_adam_op_traces_under_fake_tensors():
         torch.ops.fused_optim.adam_(*fake_args, **kwargs)
         norm, coef = torch.ops.fused_optim.global_norm(fake_args[1], 2.0, 1.0, None)
     assert norm.shape == () and coef.dtype == torch.float32
+
+
+def test_smmf_op():
+    """Factorized params (with momentum) and a dense one (vector_reshape=False): the schema's
+    mutation annotations cover every list the kernels write (params, factors, signs, steps)."""
+    g = torch.Generator().manual_seed(0)
+    params = [torch.randn(s, generator=g) for s in [(6, 5), (), (7,)]]
+    grads = [torch.randn(p.shape, generator=g) for p in params]
+    row_ms, col_ms, row_vs, col_vs = ([torch.rand(n, generator=g) for n in sizes] for sizes in
+                                      ([6, 1], [5, 1], [6, 1], [5, 1]))  # fmt: skip
+    signs = [torch.zeros(6, 1, dtype=torch.int32), torch.zeros(1, 1, dtype=torch.int32)]
+    exp_avgs, exp_avg_sqs = [torch.randn(7, generator=g)], [torch.rand(7, generator=g)]
+    steps = [torch.zeros(()) for _ in params]
+    args = (params, grads, row_ms, col_ms, signs, row_vs, col_vs, exp_avgs, exp_avg_sqs, steps)
+    kwargs = dict(lr=1e-2, lr_tensor=None, beta=0.9, eps=1e-8, weight_decay=0.1, decay_rate=-0.5,
+                  growth_rate=0.999, vector_reshape=False, decoupled=True, grad_scale=None, found_inf=None,
+                  clip_coef=torch.tensor(0.5))  # fmt: skip
+    torch.library.opcheck(torch.ops.fused_optim.smmf_.default, args, kwargs, test_utils=TESTS)
