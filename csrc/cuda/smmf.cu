@@ -24,8 +24,21 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / cuda::kWarpSize;
 static_assert(kSmmfCudaMaxCols == kThreads, "a CUDA tile row is at most one column per thread");
-// Row partials of a tile whose rows span several words: at most 8192 / 32 + 8192 / 33 slots.
+// Row partials (one per row and word) of a tile whose rows span several words: at most 496
+// (33 to 64 columns: 2 words x 248 rows); narrower tiles write straight to global memory.
 constexpr int kRowSlots = 512;
+
+constexpr int most_row_slots() {
+  int most = 0;
+  for (int64_t cols = cuda::kWarpSize + 1; cols <= kSmmfCudaMaxCols; ++cols) {
+    const SmmfTileShape tile =
+        smmf_tile_shape(kSmmfCudaTileElems, cols, kSmmfCudaTileElems, kSmmfCudaMaxCols);
+    const int64_t slots = tile.rows * ((cols + 31) / 32);
+    most = slots > most ? static_cast<int>(slots) : most;
+  }
+  return most;
+}
+static_assert(most_row_slots() <= kRowSlots, "kRowSlots: a tile's (row, word) partials must fit");
 
 __device__ __forceinline__ bool skipped(const SmmfArgs& a) {
   return a.found_inf != nullptr && *a.found_inf != 0.0f;  // GradScaler: the step is skipped

@@ -8,7 +8,8 @@ namespace cuda {
 constexpr int kWarpSize = 32;
 
 // Combines one double per thread with op (associativity is not assumed: the tree is fixed).
-// Every thread of the block must call it, once per kernel (it reuses one shared buffer).
+// Every thread of the block must call it; a second call in one kernel needs a __syncthreads()
+// first (both use one shared buffer).
 // The result is valid in thread 0 only.
 template <int kThreads, typename Op>
 __device__ __forceinline__ double block_reduce(double value, Op op) {

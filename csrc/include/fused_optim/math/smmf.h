@@ -43,8 +43,8 @@ struct SmmfTileShape {
   int64_t rows, cols;
 };
 
-FO_HOST_DEVICE SmmfTileShape smmf_tile_shape(int64_t n, int64_t m, int64_t elems,
-                                             int64_t max_cols) {
+FO_HOST_DEVICE constexpr SmmfTileShape smmf_tile_shape(int64_t n, int64_t m, int64_t elems,
+                                                       int64_t max_cols) {
   const int64_t cols = m < max_cols ? m : max_cols;
   const int64_t fit = elems / cols > 0 ? elems / cols : 1;
   return SmmfTileShape{n < fit ? n : fit, cols};
