@@ -7,7 +7,7 @@ from collections import defaultdict
 
 import torch
 
-from fused_optim import _backends
+from fused_optim import _backends, _distributed
 from fused_optim._reference import clip as _reference_clip
 from fused_optim._reference.adam import has_values
 
@@ -132,9 +132,20 @@ def clip_grad_norm_(
     grads = [p.grad for p in parameters if p.grad is not None]
     if not grads:
         return torch.tensor(0.0)
-    by_device = defaultdict(list)
+    # DTensor grads (FSDP2): the kernels run on the local shards; the norms of sharded ones
+    # are combined over the mesh with one all-reduce of a scalar.
+    dtensor = _distributed.any_dtensor(grads)
+    if dtensor and norm_type <= 0.0:
+        raise NotImplementedError(
+            f"fused_optim.clip_grad_norm_: norm_type={norm_type} is not supported for DTensor grads "
+            "(positive orders and inf are)"
+        )
+    parts = defaultdict(list)  # (device, shard key) -> local grads
     for g in grads:
-        by_device[g.device].append(g)
+        parts[(g.device, _distributed.shard_key(g))].append(_distributed.local(g))
+    by_device = defaultdict(list)
+    for (d, _), gs in parts.items():
+        by_device[d].extend(gs)
     dtypes = {d: {g.dtype for g in gs} for d, gs in by_device.items()}
     # torch's result dtype: per-(device, dtype) norms in the grads' dtypes, stacked (promoted)
     out_dtype = functools.reduce(torch.promote_types, set().union(*dtypes.values()))
@@ -149,21 +160,23 @@ def clip_grad_norm_(
 
     coef = None  # the kernels' coefficient, when it is the one to use
     if norm_type > 0.0:  # positive and inf: the kernels
-        results = []  # (norm, coef or None) per device
-        for d, gs in by_device.items():
+        results = []  # (norm, coef or None, shard key) per part
+        for (d, key), gs in parts.items():
             if names[d] == "reference" and torch.float64 in dtypes[d]:
                 # fp64 grads: the norm in fp64, not rounded to the fp32 that global_norm returns
-                results.append((_reference_clip.total_norm(gs, norm_type), None))
+                results.append((_reference_clip.total_norm(gs, norm_type), None, key))
             else:
                 m = max_norm if isinstance(max_norm, float) else 1.0
-                results.append(backends[d].global_norm(gs, norm_type, m, None))
-        if len(results) == 1:
-            total_norm, fused_coef = results[0]
+                results.append((*backends[d].global_norm(gs, norm_type, m, None), key))
+        if len(results) == 1 and results[0][2] is None:
+            total_norm, fused_coef, _ = results[0]
             if fused_coef is not None and total_norm.dtype == out_dtype and isinstance(max_norm, float):
                 coef = fused_coef  # the common case: the kernels' finalize computed it
-        else:  # several devices: combine the per-device norms on the first one, like torch
-            norms = torch.stack([n.to(first) for n, _ in results])
+        elif not dtensor:  # several devices: combine the per-device norms on the first one, like torch
+            norms = torch.stack([n.to(first) for n, _, _ in results])
             total_norm = torch.linalg.vector_norm(norms, norm_type)
+        else:
+            total_norm = _distributed.combine_norms([(n, key) for n, _, key in results], norm_type, first)
     else:
         total_norm = _torch_total_norm(grads, norm_type, first)
     if total_norm.dtype != out_dtype:
@@ -187,4 +200,6 @@ def clip_grad_norm_(
         rounds = [gs] if len(set(map(id, gs))) == len(gs) else _rounds(gs)
         for r in rounds:
             _scale_(backends[d], r, c)
+    if dtensor:  # as torch returns it for DTensor grads: replicated on the grads' mesh
+        return _distributed.replicated_like(total_norm, next(g for g in grads if _distributed.is_dtensor(g)))
     return total_norm

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fused_optim import _backends
+from fused_optim import _backends, _distributed
 from fused_optim._layout import is_dense
 from fused_optim._reference.adam import has_values
 
@@ -96,6 +96,11 @@ class Bucket:
     params: list[torch.Tensor]
     states: dict[str, list[torch.Tensor]] = field(default_factory=dict)
     traced: bool = False  # meta / FakeTensor params: shapes only, through the ops' fake impls
+    # DTensor params: the lists hold their local shards; sums that span shards are reduced over
+    # shard_key (from _distributed.shard_key), None when each rank holds whole tensors.
+    dtensor: bool = False
+    shard_key: object = None
+    dtensors: list = field(default_factory=list)  # the DTensor params themselves
     backend: object = None  # the backend `run` was made for
     run: object = None  # run(grads, **hyper, grad_scale=, found_inf=, clip_coef=): one fused call
 
@@ -220,9 +225,16 @@ class _GroupCache:
     state_keys: tuple
     handles: list  # each param's C++ tensor (torch.utils.swap_tensors changes it)
     buckets: list
+    local_handles: list | None = None  # DTensor params' local shards (FSDP2 may replace them)
 
 
 _HANDLE = operator.attrgetter("_cdata")
+
+
+def _local_handles(params) -> list:
+    return [_HANDLE(_distributed.local(p)) for p in params]
+
+
 # The names the kernels give to their tensor lists, for error messages. An index in a message
 # is the tensor's position among the call's params, also for the compact Adafactor lists (which
 # hold entries only for some params): the kernels name each entry by the param it belongs to.
@@ -292,7 +304,7 @@ class _MemoryIndex:
 
     @staticmethod
     def _spans(params):
-        for p in params:
+        for p in map(_distributed.local, params):
             span = _storage_span(p) if is_dense(p) else None
             if span is not None:
                 yield span
@@ -493,12 +505,14 @@ class FusedOptimizer(torch.optim.Optimizer):
             and c.state_keys == keys
             and _same_objects(c.params, params)
             and c.handles == list(map(_HANDLE, params))
+            and (c.local_handles is None or c.local_handles == _local_handles(params))
         ):
             return c.buckets
         buckets = self._build_buckets(group, grads, keys)
+        local_handles = _local_handles(params) if any(b.dtensor for b in buckets) else None
         self._buckets[gi] = _GroupCache(
             group, state, state.changes, state.plain_signature(), list(params), present, keys,
-            list(map(_HANDLE, params)), buckets,
+            list(map(_HANDLE, params)), buckets, local_handles,
         )  # fmt: skip
         return buckets
 
@@ -511,6 +525,10 @@ class FusedOptimizer(torch.optim.Optimizer):
                 continue
             if g.is_sparse:
                 raise RuntimeError("fused_optim: sparse gradients are not supported (use a dense embedding)")
+            dtensor = _distributed.is_dtensor(p)
+            if dtensor:
+                gi = next(k for k, other in enumerate(self.param_groups) if other is group)
+                self._check_dtensor(p, f'param_groups[{gi}]["params"][{i}]')
             state = self.state.get(p)
             if state is None:
                 state = self.state[p] = self.state._new_param_state()
@@ -523,20 +541,39 @@ class FusedOptimizer(torch.optim.Optimizer):
                     usable = self._usable_state(p, k, t)
                     if usable is not t:
                         state[k] = usable
-            # Kernels read and advance `step` on the params' device, as float32.
+            # Kernels read and advance `step` on the params' device, as float32 (a plain tensor
+            # for DTensor params too, as torch.optim keeps it).
             step = state.get("step", 0.0)
+            if _distributed.is_dtensor(step):
+                step = step.to_local()
             if not torch.is_tensor(step) or step.dtype != torch.float32 or step.device != p.device:
                 state["step"] = torch.as_tensor(_as_float(step), dtype=torch.float32).to(p.device)
-            kind = (p.device, p.dtype, state[p_keys[0]].dtype if p_keys else p.dtype)
+            shard_key = _distributed.shard_key(p)
+            kind = (p.device, p.dtype, state[p_keys[0]].dtype if p_keys else p.dtype, dtensor, shard_key)
             b = by_kind.get(kind)
             if b is None:
                 b = by_kind[kind] = Bucket(p.device, p.dtype, [], [], traced=not has_values(p))
                 b.states = {k: [] for k in keys + ("step",)}
+                b.dtensor, b.shard_key = dtensor, shard_key
             b.index.append(i)
-            b.params.append(p)
+            b.params.append(_distributed.local(p))
+            if dtensor:
+                b.dtensors.append(p)
             for k in p_keys + ("step",):
-                b.states[k].append(state[k])
+                b.states[k].append(_distributed.local(state[k]))
         return list(by_kind.values())
+
+    # Which DTensor params an optimizer steps: "any" (elementwise: any Shard(d) or Replicate
+    # placement steps shard by shard), "dim0" (FSDP2's Shard(0) or Replicate: statistics across
+    # rows are reduced over the mesh), None (not yet).
+    _dtensor_layouts: str | None = None
+
+    def _check_dtensor(self, p, where: str) -> None:
+        if self._dtensor_layouts is None:
+            raise NotImplementedError(
+                f"fused_optim.{type(self).__name__} does not step DTensor params (FSDP2) yet: {where} is one"
+            )
+        _distributed.check_placements(p, where, only_dim0=self._dtensor_layouts == "dim0")
 
     def _param_state_keys(self, group, p) -> tuple[str, ...]:
         """The state keys of param `p` (besides "step"); all of the group's by default."""
@@ -545,17 +582,34 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _usable_state(self, p, key, value):
         """The state `key` of `p` as the kernels can use it, given `value` found in the mapping
         (loaded or assigned): `value` itself when it is fine, else a replacement, made once."""
+        if _distributed.is_dtensor(p):
+            return self._usable_dtensor_state(p, key, value)
         if value.shape == p.shape and value.stride() != p.stride() and is_dense(p):
             # Loaded in another layout (a contiguous checkpoint into a channels_last model):
             # re-laid out like the param once, not copied around every step.
             return torch.empty_like(p, dtype=value.dtype).copy_(value)
         return value
 
+    def _usable_dtensor_state(self, p, key, value):
+        """A per-element state of DTensor param p: a DTensor laid out as p (one loaded from a
+        one-process state_dict is cut into this rank's shard)."""
+        if value.shape != p.shape:
+            raise RuntimeError(
+                f'fused_optim: state["{key}"] has shape {tuple(value.shape)} but its param has '
+                f"{tuple(p.shape)}"
+            )
+        return _distributed.like_param(value, p)
+
     @staticmethod
-    def _grads_of(bucket: Bucket, grads, n_params: int):
-        if len(bucket.index) == n_params:
-            return grads
-        return [grads[i] for i in bucket.index]
+    def _grads_of(bucket: Bucket, grads, n_params: int, gi: int):
+        if len(bucket.index) != n_params:
+            grads = [grads[i] for i in bucket.index]
+        if bucket.dtensor:
+            mismatch = _distributed.grad_mismatch(grads, bucket.dtensors)
+            if mismatch is not None:
+                raise _in_group_terms(RuntimeError(f"fused_optim: {mismatch}"), gi, bucket.index)
+            grads = _distributed.locals_of(grads)
+        return grads
 
     def _backend_of(self, bucket: Bucket):
         if bucket.traced:
@@ -588,7 +642,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             else:
                 buckets = self._buckets_for(gi, group, grads)
             for bucket in buckets:
-                work.append((gi, group, bucket, self._grads_of(bucket, grads, len(grads))))
+                work.append((gi, group, bucket, self._grads_of(bucket, grads, len(grads), gi)))
         if not work:
             return loss
 
@@ -614,29 +668,32 @@ class FusedOptimizer(torch.optim.Optimizer):
         return loss
 
     def _clip_coefficients(self, work, grad_scale) -> dict:
-        """Global norm over every gradient of the step; one clip coefficient per device."""
-        by_device = defaultdict(list)
-        backend = {}  # per device; a dtype the kernels do not take sends auto to the reference
+        """Global norm over every gradient of the step; one clip coefficient per device. The
+        norm of DTensor grads is that of their local shards, summed over the mesh (one
+        all-reduce of a scalar per step under FSDP2)."""
+        parts = defaultdict(list)  # (device, shard key) -> grads
+        backend = {}  # per part; a dtype the kernels do not take sends auto to the reference
         for _, _, bucket, grads in work:
+            part = (bucket.device, bucket.shard_key)
             if len(work) == 1:  # the common case: no list copy
-                by_device[bucket.device] = grads
+                parts[part] = grads
             else:
-                by_device[bucket.device].extend(grads)
-            if bucket.device not in backend or bucket.dtype not in _backends.KERNEL_DTYPES:
-                backend[bucket.device] = self._backend_of(bucket)
+                parts[part].extend(grads)
+            if part not in backend or bucket.dtype not in _backends.KERNEL_DTYPES:
+                backend[part] = self._backend_of(bucket)
         results = {
-            d: backend[d].global_norm(gs, 2.0, self.max_grad_norm, _on(grad_scale, d))
-            for d, gs in by_device.items()
+            part: backend[part].global_norm(gs, 2.0, self.max_grad_norm, _on(grad_scale, part[0]))
+            for part, gs in parts.items()
         }
-        if len(results) == 1:
-            ((device, (norm, coef)),) = results.items()
+        if len(results) == 1 and next(iter(results))[1] is None:
+            (((device, _), (norm, coef)),) = results.items()
             self.last_grad_norm = norm
             return {device: coef}
-        first = next(iter(results))
-        norm = torch.linalg.vector_norm(torch.stack([n.to(first) for n, _ in results.values()]))
+        first = next(iter(results))[0]
+        norm = _distributed.combine_norms([(n, key) for (_, key), (n, _) in results.items()], 2.0, first)
         coef = torch.clamp(self.max_grad_norm / (norm + 1e-6), max=1.0)
         self.last_grad_norm = norm
-        return {d: coef.to(d) for d in results}
+        return {d: coef.to(d) for d, _ in results}
 
 
 def _in_group_terms(exc: Exception, gi: int, index: list[int], names=_STATE_LIST_NAME) -> Exception:

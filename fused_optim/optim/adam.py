@@ -30,6 +30,7 @@ class AdamFamily(FusedOptimizer):
     # Adam/AdamW and AdaX/AdaXW: one elementwise kernel; only the per-step scalars differ.
 
     ADAX = False
+    _dtensor_layouts = "any"  # elementwise: every shard steps on its own
 
     def _state_keys(self, group) -> tuple[str, ...]:
         if group.get("amsgrad", False):

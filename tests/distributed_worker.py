@@ -1,0 +1,347 @@
+"""The distributed checks of tests/test_distributed.py, run on 2 ranks over gloo on 127.0.0.1:
+`python tests/distributed_worker.py OUT.json [CASE ...]`. Every rank runs every case in the same
+order (the cases' collectives must pair up); rank 0 writes {case: {"value": ..., "error": ...}}.
+Each case compares a sharded run (FSDP2 fully_shard per layer, uneven shards, an empty one)
+with a one-process run of the same optimizer on the same model, in the same process."""
+
+import copy
+import datetime
+import json
+import os
+import sys
+import tempfile
+import traceback
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
+
+import fused_optim
+import fused_optim.transformers
+
+STEPS = 20
+
+
+class Net(nn.Module):
+    """Small, with every shape the optimizers treat differently: dim 0 not divisible by 2
+    (uneven shards), a [1, 4] param (rank 1's shard is empty), a vector, a 3-D param."""
+
+    def __init__(self, hidden: int = 7, depth: int = 1):
+        super().__init__()
+        self.inp = nn.Linear(5, hidden)
+        self.blocks = nn.ModuleList(nn.Linear(hidden, hidden) for _ in range(depth - 1))
+        self.out = nn.Linear(hidden, 3)
+        self.row = nn.Parameter(torch.randn(1, 4))
+        self.cube = nn.Parameter(torch.randn(3, 4, 6) * 0.5)
+        self.wide = nn.Parameter(torch.randn(33, 40) * 0.2)
+
+    def forward(self, x):
+        h = torch.tanh(self.inp(x))
+        for block in self.blocks:
+            h = torch.tanh(block(h))
+        y = self.out(h)
+        extra = torch.tanh(x[:, :4] * self.row).sum(1) + torch.tanh(self.wide[:, :5] @ x.T).mean(0)
+        extra = extra + (torch.tanh(self.cube) ** 2).sum() * 0.01 * y[:, 0]
+        return (y**2).mean() + extra.mean()
+
+
+def shard(model: nn.Module) -> nn.Module:
+    for module in [model.inp, *model.blocks, model.out]:
+        fully_shard(module)
+    fully_shard(model)
+    return model
+
+
+def inputs(step: int) -> torch.Tensor:
+    return torch.randn(6, 5, generator=torch.Generator().manual_seed(1000 + step))
+
+
+def train(model, opt, steps, start=0, clip=None):
+    for s in range(start, start + steps):
+        model(inputs(s)).backward()
+        if clip is not None:
+            clip(model.parameters())
+        opt.step()
+        opt.zero_grad()
+
+
+def full(t):
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def max_rel(sharded: nn.Module, single: nn.Module) -> float:
+    """max over params of max|sharded - single| / max|single|."""
+    worst = 0.0
+    for a, b in zip(sharded.parameters(), single.parameters(), strict=True):
+        a = full(a.detach())
+        scale = b.detach().abs().max().clamp_min(1e-30)
+        worst = max(worst, float((a - b.detach()).abs().max() / scale))
+    return worst
+
+
+OPTIMIZERS = {
+    "Adam": lambda ps, **kw: fused_optim.Adam(ps, lr=1e-2, weight_decay=0.01, **kw),
+    "AdamW": lambda ps, **kw: fused_optim.AdamW(ps, lr=1e-2, weight_decay=0.1, **kw),
+    "AdamW-amsgrad": lambda ps, **kw: fused_optim.AdamW(ps, lr=1e-2, amsgrad=True, **kw),
+    "AdaX": lambda ps, **kw: fused_optim.AdaX(ps, lr=1e-2, **kw),
+    "AdaXW": lambda ps, **kw: fused_optim.AdaXW(ps, lr=1e-2, **kw),
+}
+
+
+def sharded_and_single(depth: int = 1):
+    torch.manual_seed(0)
+    single = Net(depth=depth)
+    sharded = shard(copy.deepcopy(single))
+    return sharded, single
+
+
+def case_optimizer(name, clip, backend="auto"):
+    sharded, single = sharded_and_single()
+    kw = dict(max_grad_norm=clip, backend=backend)
+    train(sharded, OPTIMIZERS[name](sharded.parameters(), **kw), STEPS)
+    train(single, OPTIMIZERS[name](single.parameters(), **kw), STEPS)
+    return max_rel(sharded, single)
+
+
+def case_clip_grad_norm(norm_type):
+    """fused_optim.clip_grad_norm_ on DTensor grads, then a fused AdamW step: parameters and
+    the returned norms against one process."""
+    sharded, single = sharded_and_single()
+    norms = {"sharded": [], "single": []}
+
+    def clip(which):
+        def run(params):
+            norm = fused_optim.clip_grad_norm_(params, 0.5, norm_type=norm_type)
+            if which == "sharded":
+                assert isinstance(norm, DTensor), type(norm)
+            norms[which].append(full(norm))
+
+        return run
+
+    train(sharded, OPTIMIZERS["AdamW"](sharded.parameters()), STEPS, clip=clip("sharded"))
+    train(single, OPTIMIZERS["AdamW"](single.parameters()), STEPS, clip=clip("single"))
+    a, b = torch.stack(norms["sharded"]), torch.stack(norms["single"])
+    return max(max_rel(sharded, single), float(((a - b).abs() / b).max()))
+
+
+class _CountCollectives:
+    """Counts the collectives called while active (the optimizer's step only)."""
+
+    NAMES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor", "broadcast")
+
+    def __enter__(self):
+        self.count, self.saved = 0, {n: getattr(dist, n) for n in self.NAMES}
+        for name, fn in self.saved.items():
+            setattr(dist, name, self._counting(fn))
+        return self
+
+    def _counting(self, fn):
+        def wrapper(*args, **kwargs):
+            self.count += 1
+            return fn(*args, **kwargs)
+
+        return wrapper
+
+    def __exit__(self, *exc):
+        for name, fn in self.saved.items():
+            setattr(dist, name, fn)
+
+
+def case_collectives(name, clip):
+    """Collectives in one step of a model with 2 and with 8 sharded layers: [small, large]."""
+    counts = []
+    for depth in (1, 7):
+        sharded, _ = sharded_and_single(depth)
+        opt = OPTIMIZERS[name](sharded.parameters(), max_grad_norm=clip)
+        train(sharded, opt, 1)
+        sharded(inputs(1)).backward()
+        with _CountCollectives() as c:
+            opt.step()
+        counts.append(c.count)
+    return counts
+
+
+def case_state_dict_full(name):
+    """get_optimizer_state_dict(full_state_dict=True) of a sharded run equals the one-process
+    state; it loads into a one-process optimizer, and a one-process one into a sharded one,
+    and both go on as if uninterrupted."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    full_opts = StateDictOptions(full_state_dict=True)
+    sharded, single = sharded_and_single()
+    opt_sharded = OPTIMIZERS[name](sharded.parameters(), max_grad_norm=1.0)
+    opt_single = OPTIMIZERS[name](single.parameters(), max_grad_norm=1.0)
+    train(sharded, opt_sharded, 5)
+    train(single, opt_single, 5)
+    sd_sharded = get_optimizer_state_dict(sharded, opt_sharded, options=full_opts)
+    sd_single = get_optimizer_state_dict(single, opt_single, options=full_opts)
+    worst = 0.0
+    assert sd_sharded["state"].keys() == sd_single["state"].keys()
+    for fqn, state in sd_single["state"].items():
+        assert sd_sharded["state"][fqn].keys() == state.keys(), (fqn, state.keys())
+        for key, value in state.items():
+            other = sd_sharded["state"][fqn][key]
+            assert not isinstance(other, DTensor) and other.shape == value.shape, (fqn, key)
+            worst = max(worst, float((other - value).abs().max() / value.abs().max().clamp_min(1e-30)))
+
+    # the sharded state into a fresh one-process run, the one-process state into a fresh sharded run
+    single2 = copy.deepcopy(single)
+    with torch.no_grad():
+        for p, q in zip(single2.parameters(), sharded.parameters(), strict=True):
+            p.copy_(full(q))
+    opt_single2 = OPTIMIZERS[name](single2.parameters(), max_grad_norm=1.0)
+    # (copies: a state_dict holds the live `step` tensors, which a load would share)
+    set_optimizer_state_dict(single2, opt_single2, copy.deepcopy(sd_sharded), options=full_opts)
+    sharded2 = shard(copy.deepcopy(single))
+    opt_sharded2 = OPTIMIZERS[name](sharded2.parameters(), max_grad_norm=1.0)
+    set_optimizer_state_dict(sharded2, opt_sharded2, copy.deepcopy(sd_single), options=full_opts)
+    runs = ((sharded, opt_sharded), (single, opt_single), (single2, opt_single2), (sharded2, opt_sharded2))
+    for model, opt in runs:
+        train(model, opt, 5, start=5)
+    return max(worst, max_rel(sharded, single), max_rel(sharded, single2), max_rel(sharded2, single))
+
+
+def case_dcp_round_trip(name):
+    """torch.distributed.checkpoint save and load of model + optimizer mid-run: the resumed
+    sharded run is bit-identical to the uninterrupted one (returns the max difference)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    sharded, single = sharded_and_single()
+    opt = OPTIMIZERS[name](sharded.parameters(), max_grad_norm=1.0)
+    train(sharded, opt, 5)
+    directory = tempfile.mkdtemp(prefix="fo-dcp-") if dist.get_rank() == 0 else None
+    holder = [directory]
+    dist.broadcast_object_list(holder)
+    model_sd, optim_sd = get_state_dict(sharded, opt)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=holder[0])
+    train(sharded, opt, 5, start=5)
+
+    resumed = shard(copy.deepcopy(single))  # fresh params and optimizer, then the checkpoint
+    opt2 = OPTIMIZERS[name](resumed.parameters(), max_grad_norm=1.0)
+    model_sd, optim_sd = get_state_dict(resumed, opt2)
+    loaded = {"model": model_sd, "optim": optim_sd}
+    dcp.load(loaded, checkpoint_id=holder[0])
+    set_state_dict(resumed, opt2, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"])
+    train(resumed, opt2, 5, start=5)
+    return max_rel(resumed, _unsharded(sharded))
+
+
+def _unsharded(model):
+    copy_ = Net()
+    with torch.no_grad():
+        for p, q in zip(copy_.parameters(), model.parameters(), strict=True):
+            p.copy_(full(q))
+    return copy_
+
+
+def case_ddp(name, clip):
+    """DDP: replicated plain params, the fused step unchanged."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    torch.manual_seed(0)
+    single = Net()
+    ddp = DistributedDataParallel(copy.deepcopy(single))
+    train(ddp, OPTIMIZERS[name](ddp.parameters(), max_grad_norm=clip), STEPS)
+    train(single, OPTIMIZERS[name](single.parameters(), max_grad_norm=clip), STEPS)
+    return max_rel(ddp.module, single)
+
+
+def case_refusals():
+    """What the optimizers refuse on DTensors, with the messages (one per check)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Partial, Replicate, Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (2,))
+    messages = {}
+
+    def refused(key, fn):
+        try:
+            fn()
+        except Exception as e:  # noqa: BLE001  (the type is part of the result)
+            messages[key] = f"{type(e).__name__}: {e}"
+        else:
+            messages[key] = None
+
+    weight = nn.Parameter(distribute_tensor(torch.randn(6, 4), mesh, [Shard(0)]))
+    partial = nn.Parameter(DTensor.from_local(torch.randn(6, 4), mesh, [Partial()]))
+    partial.grad = DTensor.from_local(torch.randn(6, 4), mesh, [Partial()])
+    refused("partial param", lambda: fused_optim.AdamW([partial]).step())
+    weight.grad = distribute_tensor(torch.randn(6, 4), mesh, [Replicate()])
+    before = weight.to_local().clone()
+    refused("replicated grad", lambda: fused_optim.AdamW([weight]).step())
+    messages["param unchanged"] = bool(torch.equal(before, weight.to_local()))
+    weight.grad = torch.randn(6, 4)
+    refused("plain grad", lambda: fused_optim.AdamW([weight]).step())
+    # Shard(1) (tensor parallel): elementwise optimizers step it shard by shard
+    torch.manual_seed(1)
+    plain = nn.Parameter(torch.randn(4, 6))
+    plain.grad = torch.randn(4, 6)
+    column = nn.Parameter(distribute_tensor(plain.detach(), mesh, [Shard(1)]))
+    column.grad = distribute_tensor(plain.grad, mesh, [Shard(1)])
+    refused("Shard(1) AdamW", lambda: fused_optim.AdamW([column], lr=0.1, max_grad_norm=1.0).step())
+    fused_optim.AdamW([plain], lr=0.1, max_grad_norm=1.0).step()
+    messages["Shard(1) AdamW max diff"] = float((column.full_tensor() - plain).detach().abs().max())
+    return messages
+
+
+def cases() -> dict:
+    """name -> a function of no arguments; the same on every rank."""
+    out = {}
+    for name in OPTIMIZERS:
+        for clip in (None, 0.1):
+            out[f"fsdp-{name}-clip{clip}"] = lambda n=name, c=clip: case_optimizer(n, c)
+    for backend in ("reference", "triton"):
+        out[f"fsdp-AdamW-clip0.1-{backend}"] = lambda b=backend: case_optimizer("AdamW", 0.1, b)
+    for norm_type in (2.0, 3.0, float("inf")):
+        out[f"clip_grad_norm-{norm_type}"] = lambda t=norm_type: case_clip_grad_norm(t)
+    for name in ("AdamW",):
+        out[f"collectives-{name}-clip1.0"] = lambda n=name: case_collectives(n, 1.0)
+        out[f"collectives-{name}-clipNone"] = lambda n=name: case_collectives(n, None)
+    out["state_dict_full-AdamW"] = lambda: case_state_dict_full("AdamW")
+    out["dcp-AdamW"] = lambda: case_dcp_round_trip("AdamW")
+    out["ddp-AdamW-clip0.1"] = lambda: case_ddp("AdamW", 0.1)
+    out["refusals"] = case_refusals
+    return out
+
+
+def worker(rank: int, world: int, port: int, out: str, selected: list) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
+    torch.set_num_threads(1)
+    results = {}
+    for name, run in cases().items():
+        if selected and name not in selected:
+            continue
+        if name.endswith("-triton") and os.environ.get("TRITON_INTERPRET") != "1":
+            continue
+        try:
+            results[name] = {"value": run(), "error": None}
+        except Exception:
+            results[name] = {"value": None, "error": traceback.format_exc()}
+        dist.barrier()
+    if rank == 0:
+        with open(out, "w") as f:
+            json.dump(results, f, indent=1)
+    dist.destroy_process_group()
+
+
+def main() -> None:
+    out, selected = sys.argv[1], sys.argv[2:]
+    import socket
+
+    with socket.socket() as s:  # a free port
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(worker, args=(2, port, out, selected), nprocs=2)
+
+
+if __name__ == "__main__":
+    main()
