@@ -103,6 +103,14 @@ def like_param(value: torch.Tensor, p) -> torch.Tensor:
     return distribute_tensor(value.to(p.device), p.device_mesh, p.placements, src_data_rank=None)
 
 
+def from_local_like(local: torch.Tensor, p, shape) -> torch.Tensor:
+    """A DTensor of global `shape` from this rank's `local` part, split on dim 0 as p is."""
+    from torch.distributed.tensor import DTensor
+
+    stride = torch.empty(shape, device="meta").stride()
+    return DTensor.from_local(local, p.device_mesh, p.placements, run_check=False, shape=shape, stride=stride)
+
+
 def replicated_like(t: torch.Tensor, like):
     """t (the same value on every rank) as a DTensor replicated on `like`'s mesh."""
     from torch.distributed.tensor import DTensor, Replicate

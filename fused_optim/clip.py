@@ -141,8 +141,12 @@ def clip_grad_norm_(
             "(positive orders and inf are)"
         )
     parts = defaultdict(list)  # (device, shard key) -> local grads
-    for g in grads:
-        parts[(g.device, _distributed.shard_key(g))].append(_distributed.local(g))
+    if dtensor:
+        for g in grads:
+            parts[(g.device, _distributed.shard_key(g))].append(_distributed.local(g))
+    else:
+        for g in grads:
+            parts[(g.device, None)].append(g)
     by_device = defaultdict(list)
     for (d, _), gs in parts.items():
         by_device[d].extend(gs)

@@ -17,7 +17,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 from torch.distributed.fsdp import fully_shard
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 import fused_optim
 import fused_optim.transformers
@@ -48,10 +48,10 @@ class Net(nn.Module):
         return (y**2).mean() + extra.mean()
 
 
-def shard(model: nn.Module) -> nn.Module:
+def shard(model: nn.Module, mesh=None) -> nn.Module:
     for module in [model.inp, *model.blocks, model.out]:
-        fully_shard(module)
-    fully_shard(model)
+        fully_shard(module, mesh=mesh)
+    fully_shard(model, mesh=mesh)
     return model
 
 
@@ -88,6 +88,11 @@ OPTIMIZERS = {
     "AdamW-amsgrad": lambda ps, **kw: fused_optim.AdamW(ps, lr=1e-2, amsgrad=True, **kw),
     "AdaX": lambda ps, **kw: fused_optim.AdaX(ps, lr=1e-2, **kw),
     "AdaXW": lambda ps, **kw: fused_optim.AdaXW(ps, lr=1e-2, **kw),
+    "Adafactor": lambda ps, **kw: fused_optim.Adafactor(ps, lr=1e-2, weight_decay=0.01, **kw),
+    "HFAdafactor": lambda ps, **kw: fused_optim.transformers.Adafactor(ps, **kw),
+    "HFAdafactor-beta1-lr": lambda ps, **kw: fused_optim.transformers.Adafactor(
+        ps, lr=1e-2, relative_step=False, beta1=0.9, weight_decay=0.01, **kw
+    ),
 }
 
 
@@ -103,6 +108,20 @@ def case_optimizer(name, clip, backend="auto"):
     kw = dict(max_grad_norm=clip, backend=backend)
     train(sharded, OPTIMIZERS[name](sharded.parameters(), **kw), STEPS)
     train(single, OPTIMIZERS[name](single.parameters(), **kw), STEPS)
+    return max_rel(sharded, single)
+
+
+def case_hsdp(name, clip):
+    """HSDP's 2-D mesh (replicate x shard; here 1 x 2): placements (Replicate(), Shard(0))."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (1, 2), mesh_dim_names=("replicate", "shard"))
+    torch.manual_seed(0)
+    single = Net()
+    sharded = shard(copy.deepcopy(single), mesh)
+    assert len(next(sharded.parameters()).placements) == 2
+    train(sharded, OPTIMIZERS[name](sharded.parameters(), max_grad_norm=clip), STEPS)
+    train(single, OPTIMIZERS[name](single.parameters(), max_grad_norm=clip), STEPS)
     return max_rel(sharded, single)
 
 
@@ -208,6 +227,24 @@ def case_state_dict_full(name):
     return max(worst, max_rel(sharded, single), max_rel(sharded, single2), max_rel(sharded2, single))
 
 
+def case_load_one_process(name):
+    """A one-process optimizer's state_dict loaded with load_state_dict into a sharded one (each
+    rank cuts its shards), both going on 5 steps: the sharded params against the one-process."""
+    sharded, single = sharded_and_single()
+    opt_single = OPTIMIZERS[name](single.parameters(), max_grad_norm=1.0)
+    train(single, opt_single, 5)
+    with torch.no_grad():
+        for p, q in zip(sharded.parameters(), single.parameters(), strict=True):
+            p.to_local().copy_(
+                distribute_tensor(q, p.device_mesh, p.placements, src_data_rank=None).to_local()
+            )
+    opt_sharded = OPTIMIZERS[name](sharded.parameters(), max_grad_norm=1.0)
+    opt_sharded.load_state_dict(copy.deepcopy(opt_single.state_dict()))
+    train(single, opt_single, 5, start=5)
+    train(sharded, opt_sharded, 5, start=5)
+    return max_rel(sharded, single)
+
+
 def case_dcp_round_trip(name):
     """torch.distributed.checkpoint save and load of model + optimizer mid-run: the resumed
     sharded run is bit-identical to the uninterrupted one (returns the max difference)."""
@@ -257,7 +294,7 @@ def case_ddp(name, clip):
 def case_refusals():
     """What the optimizers refuse on DTensors, with the messages (one per check)."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import Partial, Replicate, Shard, distribute_tensor
+    from torch.distributed.tensor import Partial, Replicate, Shard
 
     mesh = init_device_mesh("cpu", (2,))
     messages = {}
@@ -289,6 +326,10 @@ def case_refusals():
     refused("Shard(1) AdamW", lambda: fused_optim.AdamW([column], lr=0.1, max_grad_norm=1.0).step())
     fused_optim.AdamW([plain], lr=0.1, max_grad_norm=1.0).step()
     messages["Shard(1) AdamW max diff"] = float((column.full_tensor() - plain).detach().abs().max())
+    weight.grad = distribute_tensor(torch.randn(6, 4), mesh, [Shard(0)])
+    refused("SMMF", lambda: fused_optim.SMMF([weight]).step())
+    column.grad = distribute_tensor(torch.ones(4, 6), mesh, [Shard(1)])
+    refused("Shard(1) Adafactor", lambda: fused_optim.Adafactor([column]).step())
     return messages
 
 
@@ -300,13 +341,17 @@ def cases() -> dict:
             out[f"fsdp-{name}-clip{clip}"] = lambda n=name, c=clip: case_optimizer(n, c)
     for backend in ("reference", "triton"):
         out[f"fsdp-AdamW-clip0.1-{backend}"] = lambda b=backend: case_optimizer("AdamW", 0.1, b)
+    for name in ("AdamW", "Adafactor"):
+        out[f"hsdp-{name}-clip0.1"] = lambda n=name: case_hsdp(n, 0.1)
     for norm_type in (2.0, 3.0, float("inf")):
         out[f"clip_grad_norm-{norm_type}"] = lambda t=norm_type: case_clip_grad_norm(t)
-    for name in ("AdamW",):
+    for name in ("AdamW", "Adafactor", "HFAdafactor"):
         out[f"collectives-{name}-clip1.0"] = lambda n=name: case_collectives(n, 1.0)
         out[f"collectives-{name}-clipNone"] = lambda n=name: case_collectives(n, None)
-    out["state_dict_full-AdamW"] = lambda: case_state_dict_full("AdamW")
-    out["dcp-AdamW"] = lambda: case_dcp_round_trip("AdamW")
+    for name in ("AdamW", "Adafactor", "HFAdafactor-beta1-lr"):
+        out[f"state_dict_full-{name}"] = lambda n=name: case_state_dict_full(n)
+        out[f"dcp-{name}"] = lambda n=name: case_dcp_round_trip(n)
+        out[f"load_one_process-{name}"] = lambda n=name: case_load_one_process(n)
     out["ddp-AdamW-clip0.1"] = lambda: case_ddp("AdamW", 0.1)
     out["refusals"] = case_refusals
     return out

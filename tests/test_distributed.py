@@ -48,13 +48,21 @@ def outcome(results, name):
     return r["value"]
 
 
-OPTIMIZERS = ["Adam", "AdamW", "AdamW-amsgrad", "AdaX", "AdaXW"]
+OPTIMIZERS = [
+    "Adam", "AdamW", "AdamW-amsgrad", "AdaX", "AdaXW", "Adafactor", "HFAdafactor", "HFAdafactor-beta1-lr",
+]  # fmt: skip
+FACTORED = ["Adafactor", "HFAdafactor-beta1-lr"]
 
 
 @pytest.mark.parametrize("clip", ["None", "0.1"])
 @pytest.mark.parametrize("name", OPTIMIZERS)
 def test_fsdp2_matches_one_process(results, name, clip):
     assert outcome(results, f"fsdp-{name}-clip{clip}") <= RTOL
+
+
+@pytest.mark.parametrize("name", ["AdamW", "Adafactor"])
+def test_hsdp_2d_mesh_matches_one_process(results, name):
+    assert outcome(results, f"hsdp-{name}-clip0.1") <= RTOL
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
@@ -71,18 +79,30 @@ def test_clip_grad_norm_on_dtensor_grads(results, norm_type):
     assert outcome(results, f"clip_grad_norm-{norm_type}") <= RTOL
 
 
-def test_collectives_per_step_do_not_grow_with_tensor_count(results):
-    # one all-reduce of a scalar per clipped step, none otherwise; 2 and 8 sharded layers
-    assert outcome(results, "collectives-AdamW-clip1.0") == [1, 1]
-    assert outcome(results, "collectives-AdamW-clipNone") == [0, 0]
+@pytest.mark.parametrize(
+    "name, without_clip",
+    [("AdamW", 0), ("Adafactor", 3), ("HFAdafactor", 3)],
+)
+def test_collectives_per_step_do_not_grow_with_tensor_count(results, name, without_clip):
+    # 2 and 8 sharded layers: the clip norm adds one all-reduce of a scalar; Adafactor's three
+    # phases end with one all-reduce each (column sums and sums of θ²; row-statistic sums; U²)
+    assert outcome(results, f"collectives-{name}-clip1.0") == [without_clip + 1] * 2
+    assert outcome(results, f"collectives-{name}-clipNone") == [without_clip] * 2
 
 
-def test_full_state_dict_loads_into_one_process_and_back(results):
-    assert outcome(results, "state_dict_full-AdamW") <= RTOL
+@pytest.mark.parametrize("name", ["AdamW", *FACTORED])
+def test_full_state_dict_loads_into_one_process_and_back(results, name):
+    assert outcome(results, f"state_dict_full-{name}") <= RTOL
 
 
-def test_dcp_save_load_resumes_bit_exactly(results):
-    assert outcome(results, "dcp-AdamW") == 0.0
+@pytest.mark.parametrize("name", ["AdamW", *FACTORED])
+def test_one_process_state_dict_loads_into_shards(results, name):
+    assert outcome(results, f"load_one_process-{name}") <= RTOL
+
+
+@pytest.mark.parametrize("name", ["AdamW", *FACTORED])
+def test_dcp_save_load_resumes_bit_exactly(results, name):
+    assert outcome(results, f"dcp-{name}") == 0.0
 
 
 def test_ddp_matches_one_process(results):
@@ -97,3 +117,5 @@ def test_refusals(results):
         assert "redistribute the grad" in m[key]
     assert m["param unchanged"] is True
     assert m["Shard(1) AdamW"] is None and m["Shard(1) AdamW max diff"] == 0.0
+    assert m["SMMF"].startswith("NotImplementedError") and "SMMF does not step DTensor" in m["SMMF"]
+    assert m["Shard(1) Adafactor"].startswith("NotImplementedError") and "Shard(0)" in m["Shard(1) Adafactor"]

@@ -1,11 +1,12 @@
 """Adafactor: a fused drop-in for torch.optim.Adafactor, and the machinery it shares with the
 transformers flavour (fused_optim.transformers.Adafactor)."""
 
+import functools
 import os
 
 import torch
 
-from fused_optim import _backends
+from fused_optim import _backends, _distributed, _reference
 from fused_optim._reference.adam import has_values
 from fused_optim.optim._base import FusedOptimizer, _as_float, kernel_lr
 from fused_optim.optim._docs import FUSED_ARGS, FUSED_ATTRIBUTES, FUSED_NOTES
@@ -50,7 +51,24 @@ class AdafactorFamily(FusedOptimizer):
             return ()
         return shape  # variance, exp_avg_sq, exp_avg
 
+    # FSDP2 (Shard(0)) params: every state whose dim 0 is the param's dim 0 is split between
+    # ranks as the param is; the column statistics of a matrix and RMS are whole on every rank.
+    _dtensor_layouts = "dim0"
+
+    @staticmethod
+    def _follows_dim0(p, key: str) -> bool:
+        if key == "RMS":
+            return False
+        if key in ("col_var", "exp_avg_sq_col"):
+            return p.dim() >= 3  # a batch of matrices: split by matrix
+        return True
+
     def _new_state(self, p, key):
+        if _distributed.is_dtensor(p):
+            local = self._new_state(p.to_local(), key)
+            if not self._follows_dim0(p, key):
+                return p.to_local().new_zeros(self._state_shape(p, key), dtype=local.dtype)
+            return _distributed.from_local_like(local, p, self._state_shape(p, key))
         dtype = self._state_dtype(p)
         shape = self._state_shape(p, key)
         if shape == tuple(p.shape):
@@ -72,6 +90,11 @@ class AdafactorFamily(FusedOptimizer):
                 f"{tuple(value.shape)}, expected {shape}"
             )
         return super()._usable_state(p, key, value)
+
+    def _usable_dtensor_state(self, p, key, value):
+        if self._follows_dim0(p, key):
+            return _distributed.like_param(value, p)
+        return value.full_tensor() if _distributed.is_dtensor(value) else value
 
     # ---- backend ----------------------------------------------------------------------------
 
@@ -112,6 +135,14 @@ class AdafactorFamily(FusedOptimizer):
         """One call of the backend's function over the bucket's compact lists, made once."""
         fn = getattr(backend, self.KERNEL)
         params, lists = bucket.params, self._lists(bucket.states)
+        if bucket.shard_key is not None:
+            # Shards of FSDP2 params: the reference's phase-by-phase step, whose sums that span
+            # shards are all-reduced once per phase (not yet the fused kernels: their phases
+            # would need the same split).
+            fn = functools.partial(
+                getattr(_reference, self.KERNEL), shard_key=bucket.shard_key,
+                global_shapes=[p.shape for p in bucket.dtensors],
+            )  # fmt: skip
 
         def run(grads, **kw):
             fn(params, grads, *lists, **kw)

@@ -83,6 +83,9 @@ class SMMF(AdafactorFamily):
     KERNEL = "smmf"
     ALGORITHM = "SMMF"
     FLOAT_KEYS = ("eps", "decay_rate", "growth_rate")
+    # DTensor params would need the square-matricized view of the whole tensor factored across
+    # ranks (a shard boundary can fall inside a row or a sign word): not yet.
+    _dtensor_layouts = None
 
     def __init__(
         self,
