@@ -1,7 +1,7 @@
 """FSDP2 with fused_optim: every parameter sharded on dim 0 across ranks, the fused optimizer
 stepping each rank's shards. Runs on CPU with gloo (or on GPUs with nccl):
 
-    torchrun --nproc-per-node 2 examples/fsdp2.py [adamw|adafactor|hf-adafactor]
+    torchrun --nproc-per-node 2 examples/fsdp2.py [adamw|adafactor|hf-adafactor|smmf]
 """
 
 import sys
@@ -19,6 +19,7 @@ OPTIMIZERS = {
     "adamw": lambda params: fused_optim.AdamW(params, lr=1e-3, weight_decay=0.1, max_grad_norm=1.0),
     "adafactor": lambda params: fused_optim.Adafactor(params, lr=1e-2, max_grad_norm=1.0),
     "hf-adafactor": lambda params: fused_optim.transformers.Adafactor(params, max_grad_norm=1.0),
+    "smmf": lambda params: fused_optim.SMMF(params, lr=1e-3, decay_rate=-0.8, max_grad_norm=1.0),
 }
 
 

@@ -3,6 +3,7 @@ local shard, and what spans shards is reduced across the mesh with one small col
 step (per mesh and set of sharded mesh dims), never per tensor."""
 
 import functools
+import math
 import sys
 
 import torch
@@ -61,6 +62,15 @@ def shard_key(t):
         return None
     dims = tuple(i for i, placement in enumerate(t.placements) if placement.is_shard())
     return (t.device_mesh, dims) if dims else None
+
+
+def flat_offset(p) -> int:
+    """Where DTensor p's local shard starts in the flattened global tensor, for Shard(0) and
+    Replicate placements (the shard is then a contiguous run of it)."""
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    _, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+    return offset[0] * math.prod(p.shape[1:]) if p.dim() else 0
 
 
 def all_reduce(t: torch.Tensor, key, op: str = "sum") -> torch.Tensor:

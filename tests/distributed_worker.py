@@ -93,6 +93,11 @@ OPTIMIZERS = {
     "HFAdafactor-beta1-lr": lambda ps, **kw: fused_optim.transformers.Adafactor(
         ps, lr=1e-2, relative_step=False, beta1=0.9, weight_decay=0.01, **kw
     ),
+    "SMMF": lambda ps, **kw: fused_optim.SMMF(ps, lr=1e-2, weight_decay=0.01, **kw),
+    "SMMF-nobeta": lambda ps, **kw: fused_optim.SMMF(ps, lr=1e-2, beta=None, decay_rate=-0.8, **kw),
+    "SMMF-dense-adam": lambda ps, **kw: fused_optim.SMMF(
+        ps, lr=1e-2, weight_decay=0.01, vector_reshape=False, weight_decay_mode="adam", **kw
+    ),
 }
 
 
@@ -203,11 +208,15 @@ def case_state_dict_full(name):
     sd_single = get_optimizer_state_dict(single, opt_single, options=full_opts)
     worst = 0.0
     assert sd_sharded["state"].keys() == sd_single["state"].keys()
+    numels = {fqn: p.numel() for fqn, p in single.named_parameters()}
     for fqn, state in sd_single["state"].items():
         assert sd_sharded["state"][fqn].keys() == state.keys(), (fqn, state.keys())
         for key, value in state.items():
             other = sd_sharded["state"][fqn][key]
-            assert not isinstance(other, DTensor) and other.shape == value.shape, (fqn, key)
+            assert not isinstance(other, DTensor), (fqn, key)
+            if key == "sign":  # packed in other rows (the param's dim 0): compare the bits
+                other, value = (_sign_bits(w, numels[fqn]) for w in (other, value))
+            assert other.shape == value.shape, (fqn, key, other.shape, value.shape)
             worst = max(worst, float((other - value).abs().max() / value.abs().max().clamp_min(1e-30)))
 
     # the sharded state into a fresh one-process run, the one-process state into a fresh sharded run
@@ -225,6 +234,14 @@ def case_state_dict_full(name):
     for model, opt in runs:
         train(model, opt, 5, start=5)
     return max(worst, max_rel(sharded, single), max_rel(sharded, single2), max_rel(sharded2, single))
+
+
+def _sign_bits(words, numel):
+    """SMMF's sign words as one float per element, whatever rows they were packed in."""
+    from fused_optim._reference.smmf import unpack_signs
+
+    rows = words.shape[0]
+    return unpack_signs(words, numel // rows).reshape(-1).float() if rows else words.new_zeros(0).float()
 
 
 def case_load_one_process(name):
@@ -269,6 +286,34 @@ def case_dcp_round_trip(name):
     set_state_dict(resumed, opt2, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"])
     train(resumed, opt2, 5, start=5)
     return max_rel(resumed, _unsharded(sharded))
+
+
+def case_smmf_state_layout():
+    """SMMF's state under FSDP2: the factors are plain tensors of the whole square-matricized
+    param, identical on every rank; the sign words a DTensor split as the param is, packed in
+    the param's own rows. Returns what differs from that (nothing when right)."""
+    from fused_optim._reference.smmf import sign_words, smmf_shape
+
+    sharded, _ = sharded_and_single()
+    opt = OPTIMIZERS["SMMF"](sharded.parameters())
+    train(sharded, opt, 3)
+    wrong = []
+    for name, p in sharded.named_parameters():
+        state = opt.state[p]
+        n, m = smmf_shape(p.numel())
+        for key, length in (("row_m", n), ("col_m", m), ("row_v", n), ("col_v", m)):
+            t = state[key]
+            gathered = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+            dist.all_gather(gathered, t)
+            if isinstance(t, DTensor) or t.shape != (length,) or not all(torch.equal(t, o) for o in gathered):
+                wrong.append(f"{name}.{key}")
+        sign = state["sign"]
+        expected = (p.shape[0], sign_words(p.numel() // p.shape[0]))
+        if not isinstance(sign, DTensor) or sign.placements != p.placements or sign.shape != expected:
+            wrong.append(f"{name}.sign")
+        elif sign.to_local().shape[0] != p.to_local().shape[0]:
+            wrong.append(f"{name}.sign local rows")
+    return wrong
 
 
 def _unsharded(model):
@@ -326,10 +371,9 @@ def case_refusals():
     refused("Shard(1) AdamW", lambda: fused_optim.AdamW([column], lr=0.1, max_grad_norm=1.0).step())
     fused_optim.AdamW([plain], lr=0.1, max_grad_norm=1.0).step()
     messages["Shard(1) AdamW max diff"] = float((column.full_tensor() - plain).detach().abs().max())
-    weight.grad = distribute_tensor(torch.randn(6, 4), mesh, [Shard(0)])
-    refused("SMMF", lambda: fused_optim.SMMF([weight]).step())
     column.grad = distribute_tensor(torch.ones(4, 6), mesh, [Shard(1)])
     refused("Shard(1) Adafactor", lambda: fused_optim.Adafactor([column]).step())
+    refused("Shard(1) SMMF", lambda: fused_optim.SMMF([column]).step())
     return messages
 
 
@@ -341,17 +385,18 @@ def cases() -> dict:
             out[f"fsdp-{name}-clip{clip}"] = lambda n=name, c=clip: case_optimizer(n, c)
     for backend in ("reference", "triton"):
         out[f"fsdp-AdamW-clip0.1-{backend}"] = lambda b=backend: case_optimizer("AdamW", 0.1, b)
-    for name in ("AdamW", "Adafactor"):
+    for name in ("AdamW", "Adafactor", "SMMF"):
         out[f"hsdp-{name}-clip0.1"] = lambda n=name: case_hsdp(n, 0.1)
     for norm_type in (2.0, 3.0, float("inf")):
         out[f"clip_grad_norm-{norm_type}"] = lambda t=norm_type: case_clip_grad_norm(t)
-    for name in ("AdamW", "Adafactor", "HFAdafactor"):
+    for name in ("AdamW", "Adafactor", "HFAdafactor", "SMMF"):
         out[f"collectives-{name}-clip1.0"] = lambda n=name: case_collectives(n, 1.0)
         out[f"collectives-{name}-clipNone"] = lambda n=name: case_collectives(n, None)
-    for name in ("AdamW", "Adafactor", "HFAdafactor-beta1-lr"):
+    for name in ("AdamW", "Adafactor", "HFAdafactor-beta1-lr", "SMMF", "SMMF-dense-adam"):
         out[f"state_dict_full-{name}"] = lambda n=name: case_state_dict_full(n)
         out[f"dcp-{name}"] = lambda n=name: case_dcp_round_trip(n)
         out[f"load_one_process-{name}"] = lambda n=name: case_load_one_process(n)
+    out["smmf-state-layout"] = case_smmf_state_layout
     out["ddp-AdamW-clip0.1"] = lambda: case_ddp("AdamW", 0.1)
     out["refusals"] = case_refusals
     return out

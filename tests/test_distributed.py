@@ -50,8 +50,9 @@ def outcome(results, name):
 
 OPTIMIZERS = [
     "Adam", "AdamW", "AdamW-amsgrad", "AdaX", "AdaXW", "Adafactor", "HFAdafactor", "HFAdafactor-beta1-lr",
+    "SMMF", "SMMF-nobeta", "SMMF-dense-adam",
 ]  # fmt: skip
-FACTORED = ["Adafactor", "HFAdafactor-beta1-lr"]
+FACTORED = ["Adafactor", "HFAdafactor-beta1-lr", "SMMF", "SMMF-dense-adam"]
 
 
 @pytest.mark.parametrize("clip", ["None", "0.1"])
@@ -60,7 +61,7 @@ def test_fsdp2_matches_one_process(results, name, clip):
     assert outcome(results, f"fsdp-{name}-clip{clip}") <= RTOL
 
 
-@pytest.mark.parametrize("name", ["AdamW", "Adafactor"])
+@pytest.mark.parametrize("name", ["AdamW", "Adafactor", "SMMF"])
 def test_hsdp_2d_mesh_matches_one_process(results, name):
     assert outcome(results, f"hsdp-{name}-clip0.1") <= RTOL
 
@@ -81,11 +82,12 @@ def test_clip_grad_norm_on_dtensor_grads(results, norm_type):
 
 @pytest.mark.parametrize(
     "name, without_clip",
-    [("AdamW", 0), ("Adafactor", 3), ("HFAdafactor", 3)],
+    [("AdamW", 0), ("Adafactor", 3), ("HFAdafactor", 3), ("SMMF", 1)],
 )
 def test_collectives_per_step_do_not_grow_with_tensor_count(results, name, without_clip):
     # 2 and 8 sharded layers: the clip norm adds one all-reduce of a scalar; Adafactor's three
-    # phases end with one all-reduce each (column sums and sums of θ²; row-statistic sums; U²)
+    # phases end with one all-reduce each (column sums and sums of θ²; row-statistic sums; U²);
+    # SMMF's row and column sums of |M| and V of every param go in one all-reduce
     assert outcome(results, f"collectives-{name}-clip1.0") == [without_clip + 1] * 2
     assert outcome(results, f"collectives-{name}-clipNone") == [without_clip] * 2
 
@@ -105,6 +107,11 @@ def test_dcp_save_load_resumes_bit_exactly(results, name):
     assert outcome(results, f"dcp-{name}") == 0.0
 
 
+def test_smmf_state_layout_under_fsdp2(results):
+    # factors whole and identical on every rank, sign words split as the param is
+    assert outcome(results, "smmf-state-layout") == []
+
+
 def test_ddp_matches_one_process(results):
     assert outcome(results, "ddp-AdamW-clip0.1") <= RTOL
 
@@ -117,5 +124,5 @@ def test_refusals(results):
         assert "redistribute the grad" in m[key]
     assert m["param unchanged"] is True
     assert m["Shard(1) AdamW"] is None and m["Shard(1) AdamW max diff"] == 0.0
-    assert m["SMMF"].startswith("NotImplementedError") and "SMMF does not step DTensor" in m["SMMF"]
-    assert m["Shard(1) Adafactor"].startswith("NotImplementedError") and "Shard(0)" in m["Shard(1) Adafactor"]
+    for key in ("Shard(1) Adafactor", "Shard(1) SMMF"):
+        assert m[key].startswith("NotImplementedError") and "Shard(0)" in m[key], m[key]

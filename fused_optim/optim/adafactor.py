@@ -139,15 +139,17 @@ class AdafactorFamily(FusedOptimizer):
             # Shards of FSDP2 params: the reference's phase-by-phase step, whose sums that span
             # shards are all-reduced once per phase (not yet the fused kernels: their phases
             # would need the same split).
-            fn = functools.partial(
-                getattr(_reference, self.KERNEL), shard_key=bucket.shard_key,
-                global_shapes=[p.shape for p in bucket.dtensors],
-            )  # fmt: skip
+            fn = functools.partial(getattr(_reference, self.KERNEL), **self._shard_args(bucket))
 
         def run(grads, **kw):
             fn(params, grads, *lists, **kw)
 
         return run
+
+    @staticmethod
+    def _shard_args(bucket) -> dict:
+        """What the reference's sharded step needs to know of the DTensors behind the shards."""
+        return dict(shard_key=bucket.shard_key, global_shapes=[p.shape for p in bucket.dtensors])
 
     # ---- hyper-parameters -------------------------------------------------------------------
 

@@ -2,7 +2,8 @@
 
 import torch
 
-from fused_optim._reference.smmf import is_dense, sign_words, smmf_shape
+from fused_optim import _distributed
+from fused_optim._reference.smmf import is_dense, pack_signs, sign_words, smmf_shape, unpack_signs
 from fused_optim.optim._base import _as_float, kernel_lr
 from fused_optim.optim._docs import FUSED_ARGS, FUSED_ATTRIBUTES, FUSED_NOTES
 from fused_optim.optim.adafactor import AdafactorFamily, _holds
@@ -47,6 +48,12 @@ class SMMF(AdafactorFamily):
         state (tuples of factors, a bool sign matrix, an int step) is not the same layout, so their
         state_dicts do not load here.
 
+        FSDP2 (DTensor params sharded on dim 0): the factors are those of the whole param, plain
+        tensors identical on every rank (one all-reduce of row and column sums per step); ``sign``
+        is a DTensor split like the param and packs the param's own dim-0 rows,
+        [shape[0], ceil(numel / shape[0] / 32)]. A state saved in one layout loads into the other
+        (the bits are repacked).
+
         Args:
             params (iterable): params to optimize, or dicts defining param groups.
             lr (float or Tensor, optional): learning rate (default: 1e-3).
@@ -83,9 +90,9 @@ class SMMF(AdafactorFamily):
     KERNEL = "smmf"
     ALGORITHM = "SMMF"
     FLOAT_KEYS = ("eps", "decay_rate", "growth_rate")
-    # DTensor params would need the square-matricized view of the whole tensor factored across
-    # ranks (a shard boundary can fall inside a row or a sign word): not yet.
-    _dtensor_layouts = None
+    # FSDP2 (Shard(0)) params: the factors are those of the whole square-matricized param, the
+    # same plain tensors on every rank; signs and dense moments are split as the param is.
+    _dtensor_layouts = "dim0"
 
     def __init__(
         self,
@@ -156,6 +163,15 @@ class SMMF(AdafactorFamily):
         return p.dtype if key in ("exp_avg", "exp_avg_sq") else torch.float32
 
     @staticmethod
+    def _sign_rows(p) -> tuple[int, int]:
+        """The (rows, elements per row) that p's sign bits are packed in: the square-matricized
+        view, or for a param sharded on dim 0 its own rows (which shard boundaries never cut)."""
+        if _distributed.shard_key(p) is None:
+            return smmf_shape(p.numel())
+        rows = p.shape[0]
+        return rows, p.numel() // rows if rows else 0
+
+    @staticmethod
     def _state_shape(p, key: str) -> tuple[int, ...]:
         n, m = smmf_shape(p.numel())
         if key in ("row_m", "row_v"):
@@ -163,27 +179,65 @@ class SMMF(AdafactorFamily):
         if key in ("col_m", "col_v"):
             return (m,)
         if key == "sign":
-            return (n, sign_words(m))
+            rows, cols = SMMF._sign_rows(p)
+            return (rows, sign_words(cols))
         return tuple(p.shape)
 
+    @staticmethod
+    def _follows_dim0(p, key: str) -> bool:
+        return key in ("sign", "exp_avg", "exp_avg_sq")
+
     def _new_state(self, p, key):
-        dtype = self._state_dtype_of(p, key)
+        dtype, shape = self._state_dtype_of(p, key), self._state_shape(p, key)
+        if _distributed.is_dtensor(p):
+            local = p.to_local()
+            if not self._follows_dim0(p, key):
+                return local.new_zeros(shape, dtype=dtype)
+            if key == "sign":
+                rows = local.shape[0] if _distributed.shard_key(p) is not None else shape[0]
+                local = local.new_zeros((rows, shape[1]), dtype=dtype)
+            else:
+                local = torch.zeros_like(local)
+            return _distributed.from_local_like(local, p, shape)
         if key in ("exp_avg", "exp_avg_sq"):
             return torch.zeros_like(p, memory_format=torch.preserve_format)
-        return p.new_zeros(self._state_shape(p, key), dtype=dtype)
+        return p.new_zeros(shape, dtype=dtype)
 
     def _usable_state(self, p, key, value):
+        if _distributed.is_dtensor(p):
+            return self._usable_dtensor_state(p, key, value)
+        return super(AdafactorFamily, self)._usable_state(p, key, self._checked_state(p, key, value))
+
+    def _usable_dtensor_state(self, p, key, value):
+        """A state of DTensor param p: the factors whole and plain on every rank, the signs and
+        dense moments a DTensor laid out as p (a one-process state, or one in another layout, is
+        repacked where needed and cut into this rank's shard)."""
+        follows = self._follows_dim0(p, key)
+        if _distributed.is_dtensor(value):
+            wanted = (p.device_mesh, p.placements, self._state_shape(p, key), self._state_dtype_of(p, key))
+            if follows and (value.device_mesh, value.placements, tuple(value.shape), value.dtype) == wanted:
+                return value
+            value = value.full_tensor()  # another layout: gathered once, at load
+        value = self._checked_state(p, key, value)
+        return _distributed.like_param(value, p) if follows else value
+
+    def _checked_state(self, p, key, value):
+        """A plain tensor `value` for state `key` of p (plain or DTensor) on p's (local) device in
+        the state dtype, sign words repacked from the other row layout (one process vs dim-0
+        shards), or a ValueError naming the shape that is wrong."""
         dtype, shape = self._state_dtype_of(p, key), self._state_shape(p, key)
         if not torch.is_tensor(value):
             raise ValueError(f"fused_optim: state[{key!r}] must be a tensor, got {type(value).__name__}")
         if value.dtype != dtype or value.device != p.device:
             value = value.to(device=p.device, dtype=dtype)
+        if key == "sign" and tuple(value.shape) != shape:
+            value = _repacked_signs(value, p.numel(), self._sign_rows(p))
         if tuple(value.shape) != shape:
             raise ValueError(
                 f"fused_optim: state[{key!r}] of a param of shape {tuple(p.shape)} has shape "
                 f"{tuple(value.shape)}, expected {shape}"
             )
-        return super(AdafactorFamily, self)._usable_state(p, key, value)
+        return value
 
     def load_state_dict(self, state_dict):
         """As torch.optim's, but the factors stay float32 and the sign words int32: torch.optim
@@ -203,6 +257,11 @@ class SMMF(AdafactorFamily):
                     self.state[p][key] = value.to(device=p.device, dtype=dtype, copy=True)
 
     @staticmethod
+    def _shard_args(bucket) -> dict:
+        offsets = [_distributed.flat_offset(p) for p in bucket.dtensors]
+        return dict(AdafactorFamily._shard_args(bucket), global_offsets=offsets)
+
+    @staticmethod
     def _lists(states) -> tuple:
         return tuple(states.get(k, []) for k in _FACTORED_M + _FACTORED_V + ("exp_avg", "exp_avg_sq", "step"))
 
@@ -214,6 +273,17 @@ class SMMF(AdafactorFamily):
             growth_rate=float(group["growth_rate"]), vector_reshape=bool(group["vector_reshape"]),
             decoupled=self.weight_decay_mode == "adamw",
         )  # fmt: skip
+
+
+def _repacked_signs(words: torch.Tensor, numel: int, to: tuple[int, int]) -> torch.Tensor:
+    """Sign words packed row by row in another row length (a sharded run's state loaded in one
+    process, or the reverse) repacked in rows of to[1] elements; words of no such layout are
+    returned as they are (the shape check names them)."""
+    rows = words.shape[0] if words.dim() == 2 else 0
+    if rows == 0 or numel % rows or words.shape[1] != sign_words(numel // rows):
+        return words
+    bits = unpack_signs(words, numel // rows).reshape(-1)
+    return pack_signs(bits.reshape(to)) if to[0] else words.new_zeros((0, 0))
 
 
 SMMF.__doc__ = SMMF.__doc__.format(
