@@ -443,6 +443,29 @@ def test_tiny_gradient_gives_finite_updates(backend, flavour):
 
 @pytest.mark.parametrize("flavour", ["torch", "hf"])
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_sum_of_u_squared_where_the_cap_binds(backend, flavour):
+    """RMS(u) clips the update (d < RMS(u)), so its sum of u^2 shows in every param. The CPU
+    kernel takes that sum from per-row and per-column sums where no product rr_i rc_j reaches
+    the cap, element by element elsewhere: a matrix with one row of gradients 1e-6 times the
+    others (torch's cap, 1/eps1, binds in that row only), one with an all-zero row (an infinite
+    row factor), and one where nothing binds, each against the fp64 reference."""
+    device = _device(backend)
+    shapes = [(6, 40), (5, 33), (9, 17)]
+    config = dict(eps1=1e-3, d=0.5) if flavour == "torch" else dict(clip_threshold=0.5, beta1=0.9)
+    kw = _kwargs(flavour, config, device, torch.float32)
+    ours = State(flavour, _params(shapes, torch.float32, device), beta1=flavour == "hf")
+    ref = ours.copy(fp64=True)
+    for k in range(3):
+        grads = _grads(shapes, torch.float32, device, k)
+        grads[0][2] *= 1e-6
+        grads[1][3] = 0.0
+        ours.step(grads, backend, **kw)
+        ref.step([g.double() for g in grads], "reference", **_reference_kwargs(kw, torch.float32))
+        _compare(ours, ref, f"after step {k + 1}")
+
+
+@pytest.mark.parametrize("flavour", ["torch", "hf"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_non_contiguous_params_and_grads(backend, flavour):
     """A transposed view and a channels_last param (and a transposed grad) run as contiguous
     working copies written back: the original memory is updated."""

@@ -8,6 +8,13 @@
 // tensors whose gradient, param and per-element state fit in half the L3 cache, with the same
 // tiles given to the same thread in every phase: phases 3 and 5 then re-read from cache, and
 // only a tensor larger than the budget is streamed from memory three times.
+//
+// Phase 3 is skipped for most matrices: with rr_i^2 = M / r_i (M the mean of the row statistics,
+// clamped as the row factor takes it) and no product rr_i rc_j reaching the cap,
+//   sum u^2 = sum_ij g_ij^2 rr_i^2 rc_j^2 = M sum_j rc_j^2 q_j,   q_j = sum_i g_ij^2 / r_i,
+// and r_i is known at the end of row i in phase 1, so phase 1 gathers q_j from the row it has
+// just read (in L1) and phase 2 finishes the sum in O(n + m). A matrix whose rows span column
+// tiles, or where the cap binds or a factor is not finite (zero rows, NaN), takes phase 3.
 #include <ATen/Parallel.h>
 #include <unistd.h>
 
@@ -16,6 +23,7 @@
 #endif
 
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <utility>
@@ -75,6 +83,19 @@ float sum_lanes(const float (&lanes)[kLanes]) {
   }
 FO_CPU_ISA_VARIANTS(FO_DEFINE_STATS_ROW)
 #undef FO_DEFINE_STATS_ROW
+
+// Phase 1 again on the row just read (in L1): q_j += g_j^2 / r_i for the closed-form sum of u^2.
+#define FO_DEFINE_Q_ROW(suffix, attrs)                                                      \
+  template <typename P>                                                                     \
+  attrs void q_row_##suffix(const P* __restrict__ grad, int64_t n, float mult, float inv_r, \
+                            float* __restrict__ q) {                                        \
+    for (int64_t j = 0; j < n; ++j) {                                                       \
+      const float g = static_cast<float>(grad[j]) * mult;                                   \
+      q[j] += g * g * inv_r;                                                                \
+    }                                                                                       \
+  }
+FO_CPU_ISA_VARIANTS(FO_DEFINE_Q_ROW)
+#undef FO_DEFINE_Q_ROW
 
 // Phase 3 on one row: the sum of u^2. Factored: rr = the row's factor, rc = the column
 // factors; full: v (rr, rc unused).
@@ -205,6 +226,7 @@ struct Phases {
   float mult, add, cap;
   decltype(&stats_row_base<P>) stats_row =
       pick_isa(stats_row_base<P>, stats_row_avx2<P>, stats_row_avx512<P>);
+  decltype(&q_row_base<P>) q_row = pick_isa(q_row_base<P>, q_row_avx2<P>, q_row_avx512<P>);
   decltype(&unorm_row_base<P, S, true>) unorm_fac = pick_isa(
       unorm_row_base<P, S, true>, unorm_row_avx2<P, S, true>, unorm_row_avx512<P, S, true>);
   decltype(&unorm_row_base<P, S, false>) unorm_full = pick_isa(
@@ -218,8 +240,8 @@ struct Phases {
         cap(adafactor_u_cap(args.hyper.eps1, args.hyper.transformers)) {}
 
   // Phase 1: per tile, partial row/column sums of s (factored) or v updated in place (full),
-  // and the partial sum of theta^2.
-  void stats(int64_t begin, int64_t end, std::vector<float>& col_acc) {
+  // the partial sum of theta^2, and for matrices of whole-row tiles the partial q_j.
+  void stats(int64_t begin, int64_t end, std::vector<float>& col_acc, std::vector<float>& q_acc) {
     for (int64_t w = begin; w < end; ++w) {
       const WorkItem item = a.tiles[w];
       const AdafactorTensor& t = a.tensors[item.tensor];
@@ -229,6 +251,10 @@ struct Phases {
       double theta_sq = 0.0;
       if (t.factored) {
         col_acc.assign(static_cast<size_t>(x.n_cols), 0.0f);
+        const bool closed = t.col_tiles == 1;  // whole rows: r_i is known at each row's end
+        if (closed) q_acc.assign(static_cast<size_t>(x.n_cols), 0.0f);
+        const AdafactorStatWeights sw = adafactor_stat_weights(*t.step + 1.0, h.decay);
+        const S* old_rows = static_cast<const S*>(t.row) + x.b * t.rows;
         for (int64_t k = 0; k < x.n_rows; ++k) {
           const int64_t row = x.row0 + k;
           const int64_t e = adafactor_offset(t, x, row - x.row0, 0);
@@ -236,10 +262,17 @@ struct Phases {
           stats_row(theta + e, grad + e, x.n_cols, mult, add, col_acc.data(), &row_sum, &th);
           a.row_partials[t.row_partials + (x.b * t.rows + row) * t.col_tiles + x.cb] = row_sum;
           theta_sq += th;
+          if (closed) {  // r_i exactly as phase 2 computes it from this one partial
+            const float mean =
+                static_cast<float>(static_cast<double>(row_sum) / static_cast<double>(t.cols));
+            const float r =
+                adafactor_stat_update(static_cast<float>(old_rows[row]), mean, sw, h.transformers);
+            q_row(grad + e, x.n_cols, mult, 1.0f / r, q_acc.data());
+          }
         }
-        float* col_out =
-            a.col_partials + t.col_partials + (x.b * t.row_tiles + x.rb) * t.cols + x.col0;
-        std::copy(col_acc.begin(), col_acc.end(), col_out);
+        const int64_t at = (x.b * t.row_tiles + x.rb) * t.cols + x.col0;
+        std::copy(col_acc.begin(), col_acc.end(), a.col_partials + t.col_partials + at);
+        if (closed) std::copy(q_acc.begin(), q_acc.end(), a.q_partials + t.col_partials + at);
       } else if (x.n_cols > 0) {
         const AdafactorStatWeights sw = adafactor_stat_weights(*t.step + 1.0, h.decay);
         S* v = static_cast<S*>(t.full) + x.col0;
@@ -297,7 +330,35 @@ struct Phases {
         col[j] = static_cast<S>(c);
         cf[j] = adafactor_col_factor(c);
       }
+      a.matrix_u_sq[w] = t.col_tiles == 1 ? closed_u_sq(t, b, rf, cf, mean_r, col_sums) : -1.0;
     }
+  }
+
+  // The matrix's sum of u^2 from its q partials (see the top of this file), or -1 where the cap
+  // binds somewhere or a factor is not finite: phase 3 then sums u^2 element by element.
+  double closed_u_sq(const AdafactorTensor& t, int64_t b, const float* rf, const float* cf,
+                     float mean_r, std::vector<double>& q) const {
+    float max_rr = 0.0f, max_rc = 0.0f;
+    bool finite = true;
+    for (int64_t i = 0; i < t.rows; ++i) {
+      finite = finite && std::isfinite(rf[i]);
+      max_rr = std::max(max_rr, rf[i]);
+    }
+    for (int64_t j = 0; j < t.cols; ++j) {
+      finite = finite && std::isfinite(cf[j]);
+      max_rc = std::max(max_rc, cf[j]);
+    }
+    // fp32 products are monotonic: no rr_i * rc_j exceeds the largest one.
+    if (!finite || !(max_rr * max_rc <= cap)) return -1.0;
+    q.assign(static_cast<size_t>(t.cols), 0.0);
+    const float* p = a.q_partials + t.col_partials + b * t.row_tiles * t.cols;
+    for (int64_t k = 0; k < t.row_tiles; ++k) {
+      for (int64_t j = 0; j < t.cols; ++j) q[j] += p[k * t.cols + j];
+    }
+    double acc = 0.0;
+    for (int64_t j = 0; j < t.cols; ++j) acc += q[j] * (static_cast<double>(cf[j]) * cf[j]);
+    const float m = h.transformers ? mean_r : clamp_min_nan(mean_r, static_cast<float>(h.eps1));
+    return static_cast<double>(m) * acc;
   }
 
   // Phase 3: per tile, the partial sum of u^2. Tiles are visited last to first: the ones phase 1
@@ -310,7 +371,9 @@ struct Phases {
       const AdafactorTile x = adafactor_tile(t, item.chunk);
       const P* grad = static_cast<const P*>(t.grad);
       double acc = 0.0;
-      if (t.factored) {
+      if (t.factored && a.matrix_u_sq[t.first_matrix + x.b] >= 0.0) {
+        // phase 2 has the matrix's sum (phase 4 adds it)
+      } else if (t.factored) {
         const float* rf = a.factors + t.factors + x.b * t.rows;
         const float* cf = a.factors + t.factors + t.batch * t.rows + x.b * t.cols + x.col0;
         for (int64_t k = 0; k < x.n_rows; ++k) {
@@ -336,6 +399,9 @@ struct Phases {
       for (int64_t k = 0; k < n_tiles; ++k) {
         theta_sq += a.tile_partials[2 * (t.first_tile + k)];
         u_sq += a.tile_partials[2 * (t.first_tile + k) + 1];
+      }
+      for (int64_t b = 0; t.factored && b < t.batch; ++b) {
+        u_sq += std::max(a.matrix_u_sq[t.first_matrix + b], 0.0);
       }
       const float step = *t.step;
       float rms = 0.0f;
@@ -414,11 +480,11 @@ struct Phases {
                                                                  : &Phases::apply<true, false>;
     const std::vector<Wave> all = waves();
     in_parallel_region([&](int tid, int n) {
-      std::vector<float> col_acc;
+      std::vector<float> col_acc, q_acc;
       std::vector<double> col_sums;
       for (const Wave& wv : all) {
         auto [t0, t1] = share(wv.tile0, wv.tile1, tid, n);
-        stats(t0, t1, col_acc);
+        stats(t0, t1, col_acc, q_acc);
         barrier();
         auto [m0, m1] = share(wv.matrix0, wv.matrix1, tid, n);
         factors(m0, m1, col_sums);

@@ -29,7 +29,8 @@ double finfo_eps(at::ScalarType t) {
 
 // Byte offsets of the scratch buffers inside one allocation, each 16-byte aligned.
 struct ScratchLayout {
-  int64_t row_partials = 0, col_partials = 0, tile_partials = 0, factors = 0, apply = 0, total = 0;
+  int64_t row_partials = 0, col_partials = 0, tile_partials = 0, factors = 0, apply = 0;
+  int64_t q_partials = 0, matrix_u_sq = 0, total = 0;
 };
 
 int64_t take(int64_t& at, int64_t bytes) {
@@ -166,6 +167,7 @@ void adafactor_(at::TensorList params, at::TensorList grads, at::TensorList rows
       r.row_partials = row_partials;
       r.col_partials = col_partials;
       r.factors = factors;
+      r.first_matrix = static_cast<int64_t>(matrices.size());
       row_partials += r.batch * r.rows * r.col_tiles;
       col_partials += r.batch * r.cols * r.row_tiles;
       factors += r.batch * (r.rows + r.cols);
@@ -197,6 +199,10 @@ void adafactor_(at::TensorList params, at::TensorList grads, at::TensorList rows
   sl.tile_partials = take(at_byte, static_cast<int64_t>(tiles.size()) * 16);
   sl.factors = take(at_byte, factors * 4);
   sl.apply = take(at_byte, static_cast<int64_t>(n * sizeof(AdafactorApply)));
+  if (device.is_cpu()) {  // the CPU's sum of u^2 without a pass (csrc/cpu/adafactor.cpp)
+    sl.q_partials = take(at_byte, col_partials * 4);
+    sl.matrix_u_sq = take(at_byte, static_cast<int64_t>(matrices.size()) * 8);
+  }
   sl.total = at_byte;
   at::Tensor scratch = at::empty({sl.total}, at::TensorOptions().dtype(at::kByte).device(device));
   auto* base = static_cast<uint8_t*>(scratch.data_ptr());
@@ -205,6 +211,10 @@ void adafactor_(at::TensorList params, at::TensorList grads, at::TensorList rows
   args.tile_partials = reinterpret_cast<double*>(base + sl.tile_partials);
   args.factors = reinterpret_cast<float*>(base + sl.factors);
   args.apply = reinterpret_cast<AdafactorApply*>(base + sl.apply);
+  if (device.is_cpu()) {
+    args.q_partials = reinterpret_cast<float*>(base + sl.q_partials);
+    args.matrix_u_sq = reinterpret_cast<double*>(base + sl.matrix_u_sq);
+  }
   args.n_tensors = static_cast<int32_t>(n);
   args.n_tiles = static_cast<int64_t>(tiles.size());
   args.n_matrices = static_cast<int64_t>(matrices.size());

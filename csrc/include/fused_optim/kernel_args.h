@@ -68,6 +68,10 @@ struct AdafactorArgs {
   double* tile_partials = nullptr;  // 2 per tile: sum of theta^2 (phase 1), of u^2 (phase 3)
   float* factors = nullptr;
   AdafactorApply* apply = nullptr;  // one per tensor (phase 4 -> phase 5)
+  // CPU only (null on CUDA): per [matrix][row tile][col] sums of g^2 / r_i (laid out as
+  // col_partials), and per matrix its sum of u^2 from them, or -1 where phase 3 must take it.
+  float* q_partials = nullptr;
+  double* matrix_u_sq = nullptr;
 };
 
 // One SMMF step (math/smmf.h): pass 1 over `tiles` (tensor, tile), pass 2 over `parts`

@@ -51,6 +51,7 @@ struct AdafactorTensor {
   int64_t row_partials;          // batch * rows * col_tiles floats: [matrix][row][col tile]
   int64_t col_partials;          // batch * row_tiles * cols floats: [matrix][row tile][col]
   int64_t factors;               // batch * rows row factors, then batch * cols column factors
+  int64_t first_matrix;          // index of its first matrix among the call's matrices
   int32_t factored;
 };
 

@@ -9,7 +9,8 @@
 //               full tensors: v <- update(v, s) in place, sum of theta^2
 //   2 factors   per matrix: row/col states <- update(state, sum / count), then the O(n + m)
 //               factors rf_i, cf_j of the update (below)
-//   3 unorm     per tile: sum of u^2
+//   3 unorm     per tile: sum of u^2 (the CPU takes most matrices' sums in phase 2 from
+//               per-column sums gathered in phase 1: csrc/cpu/adafactor.cpp)
 //   4 scalars   per tensor: RMS(theta), RMS(u) -> the apply scalars; advances the step
 //   5 apply     per element: theta update (and HF's momentum)
 // s = g^2 (torch) or g^2 + eps1 (transformers). update() is torch.lerp(state, s, w) with
