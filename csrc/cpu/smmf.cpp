@@ -19,6 +19,9 @@ namespace fused_optim {
 namespace {
 
 constexpr int kWord = static_cast<int>(kSmmfWordBits);
+// Pass 1 streams theta and g: prefetching 4 KB ahead, as Adafactor's statistics pass does, took
+// the GPT-2-shapes step from ~56 to ~50 ms (medians of three interleaved runs each).
+constexpr int kPrefetch = 1024;
 
 // Pass 1 on element j of a matrix row, lane l of the row's lane sums: updates theta, adds |M|
 // and V to the column's accumulators and to the lane sums, sets the element's bit of `word`.
@@ -109,6 +112,10 @@ __attribute__((always_inline)) inline uint32_t update_partial_word(
     float sum_m[kLanes] = {}, sum_v[kLanes] = {};                                                  \
     int64_t j = 0;                                                                                 \
     for (; j + kWord <= n; j += kWord) {                                                           \
+      __builtin_prefetch(grad + j + kPrefetch);                                                    \
+      __builtin_prefetch(grad + j + kPrefetch + kWord / 2);                                        \
+      __builtin_prefetch(theta + j + kPrefetch, 1);                                                \
+      __builtin_prefetch(theta + j + kPrefetch + kWord / 2, 1);                                    \
       const uint32_t old = kMomentum ? static_cast<uint32_t>(sign[j / kWord]) : 0u;                \
       const uint32_t word =                                                                        \
           update_word<P, kMomentum, kL2>(theta + j, grad + j, cm + j, cv + j, old, rm, rv, mult,   \
