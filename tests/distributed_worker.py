@@ -288,6 +288,64 @@ def case_dcp_round_trip(name):
     return max_rel(resumed, _unsharded(sharded))
 
 
+def case_cross_layout(name):
+    """Optimizer state moved between a one-process run (a plain model on every rank) and an FSDP2
+    run, both ways, through a torch.distributed.checkpoint save/load and through
+    set_optimizer_state_dict(full_state_dict=True, broadcast_from_rank0=True); each moved run
+    goes on 5 steps beside the run it came from (max relative difference of the params)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_optimizer_state_dict,
+        get_state_dict,
+        set_optimizer_state_dict,
+        set_state_dict,
+    )
+
+    def directory():
+        holder = [tempfile.mkdtemp(prefix="fo-dcp-") if dist.get_rank() == 0 else None]
+        dist.broadcast_object_list(holder)
+        return holder[0]
+
+    def moved(src, opt, dst):
+        """dst (a fresh model holding src's current params) with a fresh optimizer that loads
+        src's optimizer state from a DCP checkpoint."""
+        path = directory()
+        model_sd, optim_sd = get_state_dict(src, opt)
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=path)
+        opt2 = OPTIMIZERS[name](dst.parameters(), max_grad_norm=1.0)
+        model_sd, optim_sd = get_state_dict(dst, opt2)
+        loaded = {"model": model_sd, "optim": optim_sd}
+        dcp.load(loaded, checkpoint_id=path)
+        set_state_dict(dst, opt2, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"])
+        return opt2
+
+    worst = 0.0
+    sharded, single = sharded_and_single()
+    opt_sharded = OPTIMIZERS[name](sharded.parameters(), max_grad_norm=1.0)
+    opt_single = OPTIMIZERS[name](single.parameters(), max_grad_norm=1.0)
+    train(sharded, opt_sharded, 5)
+    train(single, opt_single, 5)
+    into_sharded = shard(copy.deepcopy(single))
+    opt_into_sharded = moved(single, opt_single, into_sharded)
+    into_single = _unsharded(sharded)
+    opt_into_single = moved(sharded, opt_sharded, into_single)
+    broadcast = shard(copy.deepcopy(single))
+    opt_broadcast = OPTIMIZERS[name](broadcast.parameters(), max_grad_norm=1.0)
+    full_sd = get_optimizer_state_dict(single, opt_single, options=StateDictOptions(full_state_dict=True))
+    set_optimizer_state_dict(
+        broadcast, opt_broadcast, copy.deepcopy(full_sd) if dist.get_rank() == 0 else {},
+        options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True),
+    )  # fmt: skip
+    runs = [(sharded, opt_sharded), (single, opt_single), (into_sharded, opt_into_sharded)]
+    runs += [(into_single, opt_into_single), (broadcast, opt_broadcast)]
+    for model, opt in runs:
+        train(model, opt, 5, start=5)
+    for a, b in ((into_sharded, single), (sharded, into_single), (broadcast, single)):
+        worst = max(worst, max_rel(a, b))
+    return worst
+
+
 def case_smmf_state_layout():
     """SMMF's state under FSDP2: the factors are plain tensors of the whole square-matricized
     param, identical on every rank; the sign words a DTensor split as the param is, packed in
@@ -396,6 +454,8 @@ def cases() -> dict:
         out[f"state_dict_full-{name}"] = lambda n=name: case_state_dict_full(n)
         out[f"dcp-{name}"] = lambda n=name: case_dcp_round_trip(n)
         out[f"load_one_process-{name}"] = lambda n=name: case_load_one_process(n)
+    for name in ("AdamW", "Adafactor", "SMMF"):
+        out[f"cross-layout-{name}"] = lambda n=name: case_cross_layout(n)
     out["smmf-state-layout"] = case_smmf_state_layout
     out["ddp-AdamW-clip0.1"] = lambda: case_ddp("AdamW", 0.1)
     out["refusals"] = case_refusals

@@ -107,6 +107,14 @@ def test_dcp_save_load_resumes_bit_exactly(results, name):
     assert outcome(results, f"dcp-{name}") == 0.0
 
 
+@pytest.mark.parametrize("name", ["AdamW", "Adafactor", "SMMF"])
+def test_state_moves_between_one_process_and_fsdp2(results, name):
+    # DCP checkpoints both ways and set_optimizer_state_dict(broadcast_from_rank0=True): SMMF's
+    # state_dict packs signs in the param's dim-0 rows in both settings, so torch's paths that
+    # copy by global shape (DCP, the broadcast) meet the same shapes
+    assert outcome(results, f"cross-layout-{name}") <= RTOL
+
+
 def test_smmf_state_layout_under_fsdp2(results):
     # factors whole and identical on every rank, sign words split as the param is
     assert outcome(results, "smmf-state-layout") == []

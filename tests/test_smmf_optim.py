@@ -3,6 +3,7 @@ oracle) through every backend that has SMMF kernels, the authors' signature, def
 validation, state keys / shapes / dtypes and bytes per parameter, state_dict round trips, GradScaler,
 clipping and lr as a tensor."""
 
+import copy
 import math
 
 import pytest
@@ -10,6 +11,7 @@ import torch
 from test_reference_smmf import AuthorsRule
 
 import fused_optim
+from fused_optim._reference.smmf import unpack_signs
 from fused_optim.optim.smmf import SMMF
 
 SHAPES = [(), (7,), (1000,), (30, 40), (3, 5, 7), (1, 13, 1), (0, 3)]
@@ -79,6 +81,23 @@ def test_state_keys_shapes_dtypes():
     no_m = SMMF(params, beta=None)
     no_m.step()
     assert set(no_m.state[params[3]]) == {"step", "row_v", "col_v"}
+    # state_dict() packs the signs in the param's own rows (30 rows of 40 bits: 2 words), the
+    # layout FSDP2 shards keep, and loads back into the kernels' square-matricized one
+    saved = opt.state_dict()["state"][3]["sign"]
+    assert saved.shape == (30, 2) and saved.dtype == torch.int32 and s["sign"].shape == (40, 1)
+    assert torch.equal(unpack_signs(saved, 40).reshape(-1), unpack_signs(s["sign"], 30).reshape(-1)), (
+        "the same bits in both layouts"
+    )
+    twin_params = [p.detach().clone().requires_grad_() for p in params]
+    twin = SMMF(twin_params, vector_reshape=False)
+    twin.load_state_dict(copy.deepcopy(opt.state_dict()))  # (not sharing the live `step` tensors)
+    for ps in (params, twin_params):
+        for p, g in zip(ps, _grads(1, torch.bfloat16), strict=True):
+            p.grad = g
+    opt.step()
+    twin.step()  # repacked into the kernels' layout: the same step, bit for bit
+    assert torch.equal(twin.state[twin_params[3]]["sign"], s["sign"])
+    assert all(torch.equal(a, b) for a, b in zip(params, twin_params, strict=True))
 
 
 def test_state_bytes_per_parameter_on_gpt2_shapes():

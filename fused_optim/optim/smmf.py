@@ -48,11 +48,13 @@ class SMMF(AdafactorFamily):
         state (tuples of factors, a bool sign matrix, an int step) is not the same layout, so their
         state_dicts do not load here.
 
+        ``state_dict()`` packs ``sign`` in the param's own dim-0 rows instead,
+        [shape[0], ceil(numel / shape[0] / 32)] (a 0-d param: [1, 1]), and loading repacks it.
         FSDP2 (DTensor params sharded on dim 0): the factors are those of the whole param, plain
         tensors identical on every rank (one all-reduce of row and column sums per step); ``sign``
-        is a DTensor split like the param and packs the param's own dim-0 rows,
-        [shape[0], ceil(numel / shape[0] / 32)]. A state saved in one layout loads into the other
-        (the bits are repacked).
+        is a DTensor split like the param, kept in that dim-0 layout (shard boundaries never cut
+        a dim-0 row). So a checkpoint moves between one process and FSDP2 both ways, through
+        ``torch.distributed.checkpoint`` and full state dicts alike.
 
         Args:
             params (iterable): params to optimize, or dicts defining param groups.
@@ -168,6 +170,15 @@ class SMMF(AdafactorFamily):
         view, or for a param sharded on dim 0 its own rows (which shard boundaries never cut)."""
         if _distributed.shard_key(p) is None:
             return smmf_shape(p.numel())
+        return SMMF._saved_sign_rows(p)
+
+    @staticmethod
+    def _saved_sign_rows(p) -> tuple[int, int]:
+        """The rows that state_dict() packs sign bits in: p's own dim-0 rows (a 0-d param is one
+        row of one), the same in one process and under FSDP2, so a checkpoint of either loads
+        into the other through every torch path (DCP, broadcast from rank 0, full state dicts)."""
+        if p.dim() == 0:
+            return 1, 1
         rows = p.shape[0]
         return rows, p.numel() // rows if rows else 0
 
@@ -228,6 +239,11 @@ class SMMF(AdafactorFamily):
         dtype, shape = self._state_dtype_of(p, key), self._state_shape(p, key)
         if not torch.is_tensor(value):
             raise ValueError(f"fused_optim: state[{key!r}] must be a tensor, got {type(value).__name__}")
+        if _distributed.is_dtensor(value) and not _distributed.is_dtensor(p):
+            raise ValueError(
+                f"fused_optim: state[{key!r}] is a DTensor but its param is a plain tensor; load a full "
+                "state dict instead (get_optimizer_state_dict with StateDictOptions(full_state_dict=True))"
+            )
         if value.dtype != dtype or value.device != p.device:
             value = value.to(device=p.device, dtype=dtype)
         if key == "sign" and tuple(value.shape) != shape:
@@ -238,6 +254,26 @@ class SMMF(AdafactorFamily):
                 f"{tuple(value.shape)}, expected {shape}"
             )
         return value
+
+    def state_dict(self):
+        """As torch.optim's, with each ``sign`` packed in its param's dim-0 rows (see
+        _saved_sign_rows): a copy where the kernels keep another layout, the live tensor where
+        they keep this one (FSDP2 shards)."""
+        sd = super().state_dict()
+        saved_ids = [i for g in sd["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for saved_id, p in zip(saved_ids, params, strict=True):
+            state = sd["state"].get(saved_id)
+            sign = state.get("sign") if isinstance(state, dict) else None
+            rows = self._saved_sign_rows(p)
+            if not torch.is_tensor(sign) or tuple(sign.shape) == (rows[0], sign_words(rows[1])):
+                continue
+            if _distributed.is_dtensor(sign):  # replicated: every rank repacks its whole copy
+                local = _repacked_signs(sign.to_local(), p.numel(), rows)
+                state["sign"] = _distributed.replicated_like(local, sign)
+            else:
+                state["sign"] = _repacked_signs(sign, p.numel(), rows)
+        return sd
 
     def load_state_dict(self, state_dict):
         """As torch.optim's, but the factors stay float32 and the sign words int32: torch.optim
