@@ -349,7 +349,9 @@ struct Phases {
       max_rc = std::max(max_rc, cf[j]);
     }
     // fp32 products are monotonic: no rr_i * rc_j exceeds the largest one.
-    if (!finite || !(max_rr * max_rc <= cap)) return -1.0;
+    // (an overflowing product, possible with transformers' infinite cap, is taken by phase 3)
+    const float most = max_rr * max_rc;
+    if (!finite || !(most <= cap) || !std::isfinite(most)) return -1.0;
     q.assign(static_cast<size_t>(t.cols), 0.0);
     const float* p = a.q_partials + t.col_partials + b * t.row_tiles * t.cols;
     for (int64_t k = 0; k < t.row_tiles; ++k) {
