@@ -199,8 +199,7 @@ struct Passes {
       }
       col_m.assign(static_cast<size_t>(x.n_cols), 0.0f);
       col_v.assign(static_cast<size_t>(x.n_cols), 0.0f);
-      float* row_m_part = a.partials + t.partials;
-      float* row_v_part = row_m_part + t.rows * t.col_tiles;
+      const SmmfPartials p = smmf_partials(t, a.partials);
       double tile_m = 0.0, tile_v = 0.0;
       for (int64_t i = x.row0; i < x.row0 + x.n_rows; ++i) {
         const int64_t e = i * t.cols + x.col0;
@@ -209,13 +208,13 @@ struct Passes {
                kMomentum ? t.sign + i * t.words + x.col0 / kSmmfWordBits : nullptr,
                kMomentum ? t.row_m[i] : 0.0f, t.row_v[i], x.n_cols, mult, s, col_m.data(),
                col_v.data(), &rm, &rv);
-        row_m_part[i * t.col_tiles + x.cb] = rm;
-        row_v_part[i * t.col_tiles + x.cb] = rv;
+        p.row_m[i * t.col_tiles + x.cb] = rm;
+        p.row_v[i * t.col_tiles + x.cb] = rv;
         tile_m += rm;
         tile_v += rv;
       }
-      float* col_m_part = row_v_part + t.rows * t.col_tiles + x.rb * t.cols + x.col0;
-      float* col_v_part = col_m_part + t.row_tiles * t.cols;
+      float* col_m_part = p.col_m + x.rb * t.cols + x.col0;
+      float* col_v_part = p.col_v + x.rb * t.cols + x.col0;
       for (int64_t j = 0; j < x.n_cols; ++j) {
         col_m_part[j] = col_m[j];
         col_v_part[j] = col_v[j];
@@ -233,21 +232,11 @@ struct Passes {
       const int64_t part = item.chunk;
       if (part == 0) *t.step = *t.step + 1.0f;
       if (!t.factored || t.numel == 0) continue;
-      const float* row_m_part = a.partials + t.partials;
-      const float* row_v_part = row_m_part + t.rows * t.col_tiles;
-      const float* col_m_part = row_v_part + t.rows * t.col_tiles;
-      const float* col_v_part = col_m_part + t.row_tiles * t.cols;
+      const SmmfPartials p = smmf_partials(t, a.partials);
       if (part < t.row_parts) {
         const int64_t i1 = std::min(t.rows, (part + 1) * kSmmfFinalizeChunk);
-        for (int64_t i = part * kSmmfFinalizeChunk; i < i1; ++i) {
-          double m = 0.0, v = 0.0;
-          for (int64_t k = 0; k < t.col_tiles; ++k) {
-            m += row_m_part[i * t.col_tiles + k];
-            v += row_v_part[i * t.col_tiles + k];
-          }
-          if (kMomentum) t.row_m[i] = static_cast<float>(m);
-          t.row_v[i] = static_cast<float>(v);
-        }
+        for (int64_t i = part * kSmmfFinalizeChunk; i < i1; ++i)
+          smmf_finalize_row<kMomentum>(t, p, i);
         continue;
       }
       const int64_t n_tiles = t.row_tiles * t.col_tiles;
@@ -261,8 +250,8 @@ struct Passes {
       std::vector<double> m(static_cast<size_t>(j1 - j0), 0.0), v(m.size(), 0.0);
       for (int64_t k = 0; k < t.row_tiles; ++k) {  // a row of partials at a time, in order
         for (int64_t j = j0; j < j1; ++j) {
-          m[j - j0] += col_m_part[k * t.cols + j];
-          v[j - j0] += col_v_part[k * t.cols + j];
+          m[j - j0] += p.col_m[k * t.cols + j];
+          v[j - j0] += p.col_v[k * t.cols + j];
         }
       }
       for (int64_t j = j0; j < j1; ++j) {

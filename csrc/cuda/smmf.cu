@@ -105,8 +105,9 @@ __global__ void __launch_bounds__(kThreads) update_kernel(SmmfArgs a) {
   const float cm = kMomentum && valid ? t.col_m[x.col0 + j] : 0.0f;
   const float cv = valid ? t.col_v[x.col0 + j] : 0.0f;
   float acc_m = 0.0f, acc_v = 0.0f;  // this column's sums over the rows this warp takes
-  float* row_m_out = a.partials + t.partials;
-  float* row_v_out = row_m_out + t.rows * t.col_tiles;
+  const SmmfPartials p = smmf_partials(t, a.partials);
+  float* row_m_out = p.row_m;
+  float* row_v_out = p.row_v;
   if (active) {
     for (int64_t k = group; k < x.n_rows; k += groups) {
       const int64_t i = x.row0 + k;
@@ -157,8 +158,8 @@ __global__ void __launch_bounds__(kThreads) update_kernel(SmmfArgs a) {
     }
   }
   // Column partials: the row groups' sums of a column added in group order.
-  float* col_m_out = row_v_out + t.rows * t.col_tiles + x.rb * t.cols + x.col0;
-  float* col_v_out = col_m_out + t.row_tiles * t.cols;
+  float* col_m_out = p.col_m + x.rb * t.cols + x.col0;
+  float* col_v_out = p.col_v + x.rb * t.cols + x.col0;
   double tile_m = 0.0, tile_v = 0.0;
   for (int64_t c = threadIdx.x; c < x.n_cols; c += kThreads) {
     const int q = static_cast<int>(c / cuda::kWarpSize), l = static_cast<int>(c % cuda::kWarpSize);
@@ -172,7 +173,7 @@ __global__ void __launch_bounds__(kThreads) update_kernel(SmmfArgs a) {
     tile_m += cm_sum;
     tile_v += cv_sum;
   }
-  const auto add = [](double p, double q) { return p + q; };
+  const auto add = [](double lhs, double rhs) { return lhs + rhs; };
   tile_m = cuda::block_reduce<kThreads>(tile_m, add);
   __syncthreads();  // block_reduce's shared buffer is reused by the second reduction
   tile_v = cuda::block_reduce<kThreads>(tile_v, add);
@@ -192,20 +193,11 @@ __global__ void __launch_bounds__(kThreads) finalize_kernel(SmmfArgs a) {
   const int64_t part = item.chunk;
   if (part == 0 && threadIdx.x == 0) *t.step = *t.step + 1.0f;
   if (!t.factored || t.numel == 0) return;
-  const float* row_m_part = a.partials + t.partials;
-  const float* row_v_part = row_m_part + t.rows * t.col_tiles;
-  const float* col_m_part = row_v_part + t.rows * t.col_tiles;
-  const float* col_v_part = col_m_part + t.row_tiles * t.cols;
+  const SmmfPartials p = smmf_partials(t, a.partials);
   if (part < t.row_parts) {
     const int64_t i1 = min(t.rows, (part + 1) * kSmmfFinalizeChunk);
     for (int64_t i = part * kSmmfFinalizeChunk + threadIdx.x; i < i1; i += kThreads) {
-      double m = 0.0, v = 0.0;
-      for (int64_t k = 0; k < t.col_tiles; ++k) {
-        m += row_m_part[i * t.col_tiles + k];
-        v += row_v_part[i * t.col_tiles + k];
-      }
-      if (kMomentum) t.row_m[i] = static_cast<float>(m);
-      t.row_v[i] = static_cast<float>(v);
+      smmf_finalize_row<kMomentum>(t, p, i);
     }
     return;
   }
@@ -217,7 +209,7 @@ __global__ void __launch_bounds__(kThreads) finalize_kernel(SmmfArgs a) {
     total_m += a.tile_totals[2 * (t.first_tile + k)];
     total_v += a.tile_totals[2 * (t.first_tile + k) + 1];
   }
-  const auto add = [](double p, double q) { return p + q; };
+  const auto add = [](double lhs, double rhs) { return lhs + rhs; };
   total_m = cuda::block_reduce<kThreads>(total_m, add);
   __syncthreads();
   total_v = cuda::block_reduce<kThreads>(total_v, add);
@@ -231,8 +223,8 @@ __global__ void __launch_bounds__(kThreads) finalize_kernel(SmmfArgs a) {
   for (int64_t j = j0 + threadIdx.x; j < j1; j += kThreads) {
     double m = 0.0, v = 0.0;
     for (int64_t k = 0; k < t.row_tiles; ++k) {
-      m += col_m_part[k * t.cols + j];
-      v += col_v_part[k * t.cols + j];
+      m += p.col_m[k * t.cols + j];
+      v += p.col_v[k * t.cols + j];
     }
     if (kMomentum) t.col_m[j] = smmf_col_factor(m, totals[0]);
     t.col_v[j] = smmf_col_factor(v, totals[1]);

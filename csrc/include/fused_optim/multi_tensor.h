@@ -103,6 +103,33 @@ FO_HOST_DEVICE SmmfTile smmf_tile(const SmmfTensor& t, int64_t q) {
   return x;
 }
 
+// Where a factorized SMMF tensor's partial sums lie in the call's scratch (pass 1 writes them,
+// pass 2 reads them): the layout given at SmmfTensor.
+struct SmmfPartials {
+  float *row_m, *row_v, *col_m, *col_v;
+};
+
+FO_HOST_DEVICE SmmfPartials smmf_partials(const SmmfTensor& t, float* scratch) {
+  SmmfPartials p;
+  p.row_m = scratch + t.partials;
+  p.row_v = p.row_m + t.rows * t.col_tiles;
+  p.col_m = p.row_v + t.rows * t.col_tiles;
+  p.col_v = p.col_m + t.row_tiles * t.cols;
+  return p;
+}
+
+// Pass 2 for row i: its factors, the sums of its column tiles' partials added in tile order.
+template <bool kMomentum>
+FO_HOST_DEVICE void smmf_finalize_row(const SmmfTensor& t, const SmmfPartials& p, int64_t i) {
+  double m = 0.0, v = 0.0;
+  for (int64_t k = 0; k < t.col_tiles; ++k) {
+    m += p.row_m[i * t.col_tiles + k];
+    v += p.row_v[i * t.col_tiles + k];
+  }
+  if (kMomentum) t.row_m[i] = static_cast<float>(m);
+  t.row_v[i] = static_cast<float>(v);
+}
+
 // Addresses of one tensor of a norm or scale call.
 struct FlatTensor {
   void* data;
