@@ -262,6 +262,9 @@ def smmf(
     found_inf: torch.Tensor | None = None,
     clip_coef: torch.Tensor | None = None,
     backend: str = "auto",
+    global_numels: list[int] | None = None,
+    starts: list[int] | None = None,
+    sums: torch.Tensor | None = None,
 ) -> None:
     r"""One fused SMMF step over lists of tensors, in place: the math of
     :class:`fused_optim.SMMF` (ALGORITHMS.md section 4).
@@ -277,6 +280,13 @@ def smmf(
             order (``exp_avgs`` is ``[]`` when ``beta`` is None).
         state_steps (list of Tensor): one-element float32 tensors, incremented by the call.
         decoupled (bool): ``weight_decay_mode='adamw'`` (True) or ``'adam'`` (False).
+        global_numels, starts, sums (optional, together): the params are shards, each the
+            run of elements ``[starts[i], starts[i] + numel)`` of a param of
+            ``global_numels[i]`` elements (-1 for a param on the dense path); the step adds the
+            raw row and column sums to ``sums`` instead of writing the factors, and signs[k]
+            holds the words of the matrix rows the run touches (``fused_optim._reference.smmf``:
+            ``smmf``, ``Window``, ``SmmfSums``, whose ``finish`` writes the factors once the
+            sums are reduced over the ranks).
         The other arguments are those of :class:`fused_optim.SMMF`, and ``grad_scale``,
         ``found_inf``, ``clip_coef``, ``backend`` as in :func:`adam`.
     """
@@ -293,4 +303,5 @@ def smmf(
         lr=lr, beta=beta, eps=eps, weight_decay=weight_decay, decay_rate=decay_rate,
         growth_rate=growth_rate, vector_reshape=vector_reshape, decoupled=decoupled,
         grad_scale=grad_scale, found_inf=found_inf, clip_coef=clip_coef,
+        **({} if sums is None else dict(global_numels=global_numels, starts=starts, sums=sums)),
     )  # fmt: skip

@@ -348,15 +348,18 @@ def case_cross_layout(name):
 
 def case_smmf_state_layout():
     """SMMF's state under FSDP2: the factors are plain tensors of the whole square-matricized
-    param, identical on every rank; the sign words a DTensor split as the param is, packed in
-    the param's own rows. Returns what differs from that (nothing when right)."""
-    from fused_optim._reference.smmf import sign_words, smmf_shape
+    param, identical on every rank; the kernels' sign words a plain tensor of the matrix rows the
+    rank's run of elements touches; state_dict()'s sign words a DTensor split as the param is,
+    packed in the param's own rows. Returns what differs from that (nothing when right)."""
+    from fused_optim._distributed import flat_offset
+    from fused_optim._reference.smmf import Window, sign_words, smmf_shape
 
     sharded, _ = sharded_and_single()
     opt = OPTIMIZERS["SMMF"](sharded.parameters())
     train(sharded, opt, 3)
+    saved = opt.state_dict()["state"]
     wrong = []
-    for name, p in sharded.named_parameters():
+    for i, (name, p) in enumerate(sharded.named_parameters()):
         state = opt.state[p]
         n, m = smmf_shape(p.numel())
         for key, length in (("row_m", n), ("col_m", m), ("row_v", n), ("col_v", m)):
@@ -365,10 +368,13 @@ def case_smmf_state_layout():
             dist.all_gather(gathered, t)
             if isinstance(t, DTensor) or t.shape != (length,) or not all(torch.equal(t, o) for o in gathered):
                 wrong.append(f"{name}.{key}")
-        sign = state["sign"]
+        window = Window(n, m, flat_offset(p), p.to_local().numel())
+        if isinstance(state["sign"], DTensor) or state["sign"].shape != (window.rows, sign_words(m)):
+            wrong.append(f"{name}.sign (kernels' layout)")
+        sign = saved[i]["sign"]
         expected = (p.shape[0], sign_words(p.numel() // p.shape[0]))
         if not isinstance(sign, DTensor) or sign.placements != p.placements or sign.shape != expected:
-            wrong.append(f"{name}.sign")
+            wrong.append(f"{name}.sign (saved)")
         elif sign.to_local().shape[0] != p.to_local().shape[0]:
             wrong.append(f"{name}.sign local rows")
     return wrong
@@ -442,7 +448,8 @@ def cases() -> dict:
         for clip in (None, 0.1):
             out[f"fsdp-{name}-clip{clip}"] = lambda n=name, c=clip: case_optimizer(n, c)
     for backend in ("reference", "triton"):
-        out[f"fsdp-AdamW-clip0.1-{backend}"] = lambda b=backend: case_optimizer("AdamW", 0.1, b)
+        for name in ("AdamW", "SMMF"):
+            out[f"fsdp-{name}-clip0.1-{backend}"] = lambda n=name, b=backend: case_optimizer(n, 0.1, b)
     for name in ("AdamW", "Adafactor", "SMMF"):
         out[f"hsdp-{name}-clip0.1"] = lambda n=name: case_hsdp(n, 0.1)
     for norm_type in (2.0, 3.0, float("inf")):

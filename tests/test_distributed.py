@@ -67,8 +67,9 @@ def test_hsdp_2d_mesh_matches_one_process(results, name):
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
-def test_fsdp2_other_backends(results, backend):
-    name = f"fsdp-AdamW-clip0.1-{backend}"
+@pytest.mark.parametrize("optimizer", ["AdamW", "SMMF"])
+def test_fsdp2_other_backends(results, optimizer, backend):
+    name = f"fsdp-{optimizer}-clip0.1-{backend}"
     if backend == "triton" and name not in results:
         pytest.skip("triton runs on CPU tensors only under TRITON_INTERPRET=1")
     assert outcome(results, name) <= RTOL
@@ -116,7 +117,8 @@ def test_state_moves_between_one_process_and_fsdp2(results, name):
 
 
 def test_smmf_state_layout_under_fsdp2(results):
-    # factors whole and identical on every rank, sign words split as the param is
+    # factors whole and identical on every rank; the kernels' sign words those of the matrix
+    # rows the rank's run touches, state_dict()'s split as the param is
     assert outcome(results, "smmf-state-layout") == []
 
 

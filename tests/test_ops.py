@@ -72,3 +72,23 @@ def test_smmf_op():
                   growth_rate=0.999, vector_reshape=False, decoupled=True, grad_scale=None, found_inf=None,
                   clip_coef=torch.tensor(0.5))  # fmt: skip
     torch.library.opcheck(torch.ops.fused_optim.smmf_.default, args, kwargs, test_utils=TESTS)
+
+
+def test_smmf_op_on_a_shard():
+    """An FSDP2 shard (global_numels, starts, sums): the raw sums buffer is written too."""
+    g = torch.Generator().manual_seed(1)
+    # elements [7, 20) of a 6 x 5 matrix, and the dense path (-1) for a vector
+    params = [torch.randn(13, generator=g), torch.randn(3, generator=g)]
+    grads = [torch.randn(p.shape, generator=g) for p in params]
+    row_ms, col_ms, row_vs, col_vs = ([torch.rand(n, generator=g)] for n in (6, 5, 6, 5))
+    signs = [torch.zeros(3, 1, dtype=torch.int32)]  # rows 1 to 3 of the matrix
+    exp_avgs, exp_avg_sqs = [torch.randn(3, generator=g)], [torch.rand(3, generator=g)]
+    steps = [torch.zeros(()) for _ in params]
+    args = (params, grads, row_ms, col_ms, signs, row_vs, col_vs, exp_avgs, exp_avg_sqs, steps)
+    kwargs = dict(lr=1e-2, lr_tensor=None, beta=0.9, eps=1e-8, weight_decay=0.1, decay_rate=-0.5,
+                  growth_rate=0.999, vector_reshape=True, decoupled=True, grad_scale=None, found_inf=None,
+                  clip_coef=None, global_numels=[30, -1], starts=[7, 4],
+                  sums=torch.zeros(2 * (6 + 5 + 1), dtype=torch.float64))  # fmt: skip
+    torch.library.opcheck(torch.ops.fused_optim.smmf_.default, args, kwargs, test_utils=TESTS)
+    torch.ops.fused_optim.smmf_(*args, **kwargs)
+    assert kwargs["sums"][:6].count_nonzero() == 3  # the row sums of |M|: rows 1 to 3 only

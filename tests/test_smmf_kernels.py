@@ -397,6 +397,140 @@ if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
 
 
+# ---- FSDP2 shards, simulated in one process ---------------------------------------------------
+
+
+def _cuts(numel: int) -> list[tuple[int, int]]:
+    """Four ranks' runs of a flat param: cut inside matrix rows and sign words, one run empty."""
+    c1 = min(numel, numel // 3 + 1)
+    c2 = max(c1, min(numel, 2 * numel // 3 - 1))
+    return [(0, c1), (c1, c1), (c1, c2), (c2, numel)]
+
+
+def _shard_step(state: State, grads, backend, kw):
+    """One step of `state` as four ranks would take it: each rank's run of every param stepped
+    with its own copy of the factors and its window of the sign words, the ranks' raw sums added
+    (an all-reduce), then SmmfSums.finish on every rank. Returns the ranks' states reassembled as
+    one process's, and asserts that every rank ends with the same factors."""
+    from fused_optim._reference.smmf import SmmfSums, Window, pack_signs
+
+    dense = [is_dense(p, state.vector_reshape) for p in state.params]
+    numels = [-1 if d else p.numel() for p, d in zip(state.params, dense, strict=True)]
+    shapes = [smmf_shape(n) for n in numels if n >= 0]
+    device = state.params[0].device
+    layout = SmmfSums(shapes, device)
+    ranks, total = [], layout.zeros()
+    for r in range(4):
+        part = State.__new__(State)
+        part.vector_reshape = state.vector_reshape
+        part.params, rank_grads, starts = [], [], []
+        part.row_ms, part.col_ms, part.signs, part.row_vs, part.col_vs = [], [], [], [], []
+        part.exp_avgs, part.exp_avg_sqs, part.steps = [], [], [s.clone() for s in state.steps]
+        k_fac = k_dense = 0
+        for i, p in enumerate(state.params):
+            a, b = _cuts(p.numel())[r]
+            part.params.append(p.detach().reshape(-1)[a:b].clone())
+            rank_grads.append(grads[i].reshape(-1)[a:b].clone())
+            starts.append(a)
+            if dense[i]:
+                part.exp_avg_sqs.append(state.exp_avg_sqs[k_dense].reshape(-1)[a:b].clone())
+                if state.exp_avgs:
+                    part.exp_avgs.append(state.exp_avgs[k_dense].reshape(-1)[a:b].clone())
+                k_dense += 1
+                continue
+            n, m = smmf_shape(p.numel())
+            part.row_vs.append(state.row_vs[k_fac].clone())
+            part.col_vs.append(state.col_vs[k_fac].clone())
+            if state.signs:
+                part.row_ms.append(state.row_ms[k_fac].clone())
+                part.col_ms.append(state.col_ms[k_fac].clone())
+                window = Window(n, m, a, b - a)
+                bits = unpack_signs(state.signs[k_fac].cpu(), m).reshape(-1)[a:b]
+                words = window.pack(bits) if b > a else torch.zeros(0, sign_words(m), dtype=torch.int32)
+                part.signs.append(words.to(device))
+            k_fac += 1
+        sums = layout.zeros()
+        functional.smmf(
+            part.params, rank_grads, part.row_ms, part.col_ms, part.signs, part.row_vs, part.col_vs,
+            part.exp_avgs, part.exp_avg_sqs, part.steps, vector_reshape=state.vector_reshape,
+            backend=backend, global_numels=numels, starts=starts, sums=sums, **kw,
+        )  # fmt: skip
+        total += sums
+        ranks.append((part, starts))
+    for part, _ in ranks:
+        layout.finish(
+            total, part.row_ms, part.col_ms, part.row_vs, part.col_vs, found_inf=kw.get("found_inf")
+        )
+    out = state.copy()
+    first = ranks[0][0]
+    for part, _ in ranks[1:]:
+        for what in ("row_ms", "col_ms", "row_vs", "col_vs"):
+            for x, y in zip(getattr(part, what), getattr(first, what), strict=True):
+                assert torch.equal(x, y), f"{what} differ between ranks"
+    out.row_ms, out.col_ms, out.row_vs, out.col_vs = first.row_ms, first.col_ms, first.row_vs, first.col_vs
+    out.steps = first.steps
+    k_fac = k_dense = 0
+    for i, p in enumerate(state.params):
+        flat = torch.cat([part.params[i] for part, _ in ranks])
+        out.params[i] = flat.reshape(p.shape)
+        if dense[i]:
+            out.exp_avg_sqs[k_dense] = torch.cat([part.exp_avg_sqs[k_dense] for part, _ in ranks]).reshape(
+                p.shape
+            )
+            if state.exp_avgs:
+                out.exp_avgs[k_dense] = torch.cat([part.exp_avgs[k_dense] for part, _ in ranks]).reshape(
+                    p.shape
+                )
+            k_dense += 1
+            continue
+        if state.signs:
+            n, m = smmf_shape(p.numel())
+            bits = []
+            for part, starts in ranks:
+                a, b = _cuts(p.numel())[ranks.index((part, starts))]
+                if b > a:
+                    bits.append(Window(n, m, a, b - a).unpack(part.signs[k_fac].cpu()))
+            full = torch.cat(bits) if bits else torch.zeros(0, dtype=torch.bool)
+            out.signs[k_fac] = pack_signs(full.reshape(n, m)).to(device)
+        k_fac += 1
+    return out
+
+
+SHARD_SHAPES = [(67, 45), (1000,), (37,), (3, 5, 7), (1, 13, 1), (2, 1), (70, 9)]
+
+
+@pytest.mark.parametrize("config", ["default", "no_momentum", "adam_l2", "dense_path", "rates_eps"])
+@pytest.mark.parametrize("backend", [pytest.param("reference", id="reference"), *BACKENDS])
+def test_shards_of_a_param_step_as_one_process(backend, config):
+    """FSDP2: ranks holding runs of each param (cut inside matrix rows and sign words, one empty)
+    take the step of one process once their raw sums are added, on every backend."""
+    device = _device(backend) if backend != "reference" else torch.device("cpu")
+    kw = _kwargs(CONFIGS[config], device)
+    ours = State(_params(SHARD_SHAPES, torch.float32, device), kw["beta"], kw.pop("vector_reshape"))
+    for k in range(STEPS):
+        grads = _grads(SHARD_SHAPES, torch.float32, device, k)
+        before = ours.copy()
+        ref = ours.copy(device="cpu")
+        moments = _first_moments(before, grads, dict(kw, vector_reshape=ours.vector_reshape))
+        ours = _shard_step(ours, grads, backend, kw)
+        ref_kw = {**kw, "lr": kw["lr"].cpu() if isinstance(kw["lr"], torch.Tensor) else kw["lr"]}
+        ref.step([g.cpu() for g in grads], "reference", **ref_kw)
+        _check(ours, ref, before, moments, f"step {k + 1}")
+
+
+@pytest.mark.parametrize("backend", [pytest.param("reference", id="reference"), *BACKENDS])
+def test_shards_skip_the_step_on_found_inf(backend):
+    device = _device(backend) if backend != "reference" else torch.device("cpu")
+    kw = _kwargs({}, device)
+    ours = State(_params(SHARD_SHAPES, torch.float32, device), kw["beta"], kw.pop("vector_reshape"))
+    before = ours.copy()
+    after = _shard_step(ours, _grads(SHARD_SHAPES, torch.float32, device, 0), backend,
+                        dict(kw, found_inf=torch.ones((), device=device)))  # fmt: skip
+    for what in ("params", "row_ms", "col_ms", "signs", "row_vs", "col_vs", "steps"):
+        for x, y in zip(getattr(after, what), getattr(before, what), strict=True):
+            assert torch.equal(x, y), what
+
+
 @pytest.fixture
 def launch_grids(monkeypatch):
     _plan = importlib.import_module("fused_optim.triton_kernels._plan")

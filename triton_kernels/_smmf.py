@@ -30,7 +30,7 @@ NUM_WARPS = 4
 
 # Record words (int64), one record of RECORD words per tensor: role offsets (elements from the
 # role's base pointer), then the matrix and where its partials live in the scratch.
-RECORD = 24
+RECORD = 28
 _NUMEL = tl.constexpr(0)
 _PARAM = tl.constexpr(1)
 _GRAD = tl.constexpr(2)
@@ -43,7 +43,7 @@ _EXP_AVG = tl.constexpr(8)
 _EXP_AVG_SQ = tl.constexpr(9)
 _STEP = tl.constexpr(10)
 _FACTORED = tl.constexpr(11)
-_N = tl.constexpr(12)
+_N = tl.constexpr(12)  # rows: the matrix's n, or those a shard's run touches (from _ROW0)
 _M = tl.constexpr(13)
 _WORDS = tl.constexpr(14)  # sign words per row
 _NRB = tl.constexpr(15)  # row tiles
@@ -51,6 +51,13 @@ _NCB = tl.constexpr(16)  # column tiles
 _FIRST = tl.constexpr(17)  # its first tile among the call's tiles
 _PARTIALS = tl.constexpr(18)  # its partials in the scratch: [N][NCB] |M|, V, then [NRB][M] |M|, V
 _ROW_PARTS = tl.constexpr(19)  # finalize items over rows; the column items follow
+# A shard's run of the matrix (FSDP2): its first row, and how many elements of that row it lacks;
+# where its raw sums go (SmmfSums: its first row, column and matrix index).
+_ROW0 = tl.constexpr(20)
+_SKIP = tl.constexpr(21)
+_SUM_ROW = tl.constexpr(22)
+_SUM_COL = tl.constexpr(23)
+_SUM_INDEX = tl.constexpr(24)
 
 # Lists in the order functional.smmf takes them.
 _NAMES = (
@@ -267,11 +274,13 @@ def _update_kernel(
     cols = cb * TILE_C + tl.arange(0, TILE_C)
     row_ok = rows < n
     col_ok = cols < m_cols
-    mask = row_ok[:, None] & col_ok[None, :]
-    offs = rows.to(tl.int64)[:, None] * m_cols + cols[None, :]
+    # the tensor's elements: a shard's first and last rows hold only some of theirs
+    offs = rows.to(tl.int64)[:, None] * m_cols + cols[None, :] - tl.load(record + _SKIP)
+    mask = row_ok[:, None] & col_ok[None, :] & (offs >= 0) & (offs < numel)
     theta = tl.load(p + offs, mask=mask).to(tl.float32)
     g = tl.load(g_ptr + offs, mask=mask).to(tl.float32) * mult
-    rv = tl.load(_ptr(row_v_ptr, record, _ROW_V) + rows, mask=row_ok, other=0.0)
+    row0 = tl.load(record + _ROW0)
+    rv = tl.load(_ptr(row_v_ptr, record, _ROW_V) + row0 + rows, mask=row_ok, other=0.0)
     cv = tl.load(_ptr(col_v_ptr, record, _COL_V) + cols, mask=col_ok, other=0.0)
     WORDS_PER_TILE: tl.constexpr = TILE_C // 32
     word_idx = cb * WORDS_PER_TILE + tl.arange(0, WORDS_PER_TILE)
@@ -282,7 +291,7 @@ def _update_kernel(
         s_ptr = _ptr(sign_ptr, record, _SIGN)
         old = tl.load(s_ptr + word_offs, mask=word_mask, other=0)
         bits = tl.reshape((old[:, :, None] >> shifts[None, None, :]) & 1, [TILE_R, TILE_C])
-        rm = tl.load(_ptr(row_m_ptr, record, _ROW_M) + rows, mask=row_ok, other=0.0)
+        rm = tl.load(_ptr(row_m_ptr, record, _ROW_M) + row0 + rows, mask=row_ok, other=0.0)
         cm = tl.load(_ptr(col_m_ptr, record, _COL_M) + cols, mask=col_ok, other=0.0)
         m_old = smmf_signed(rm[:, None], cm[None, :], bits)
     else:
@@ -304,7 +313,7 @@ def _update_kernel(
         L2,
     )
     tl.store(p + offs, to_storage(theta, p), mask=mask)
-    v = tl.where(mask, v, 0.0)
+    v = tl.where(mask, v, 0.0)  # elements held elsewhere add nothing (their m is 0 below too)
     part = partials_ptr + tl.load(record + _PARTIALS)
     row_v_part = part + n * ncb
     col_m_part = row_v_part + n * ncb
@@ -324,7 +333,7 @@ def _update_kernel(
     tl.store(totals_ptr + 2 * w + 1, tl.sum(col_sum_v.to(tl.float64), axis=0))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["sums_rows", "sums_cols", "sums_mats"])
 def _finalize_kernel(
     items_ptr,
     meta_ptr,
@@ -336,12 +345,19 @@ def _finalize_kernel(
     partials_ptr,
     totals_ptr,
     found_inf_ptr,
+    sums_ptr,
+    sums_rows,
+    sums_cols,
+    sums_mats,
     RECORD: tl.constexpr,
     MOMENTUM: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr,
+    RAW_SUMS: tl.constexpr,
     PART: tl.constexpr,
     BLOCK_T: tl.constexpr,
 ):
+    """RAW_SUMS (FSDP2 shards): the raw row and column sums and totals go to sums_ptr in
+    float64 (SmmfSums' layout), for the caller to reduce over the ranks and divide."""
     if HAS_FOUND_INF:
         if tl.load(found_inf_ptr) != 0.0:
             return
@@ -372,9 +388,15 @@ def _finalize_kernel(
             if MOMENTUM:
                 sum_m += tl.load(part + rows * ncb + k, mask=ok, other=0.0).to(tl.float64)
             sum_v += tl.load(row_v_part + rows * ncb + k, mask=ok, other=0.0).to(tl.float64)
-        if MOMENTUM:
-            tl.store(_ptr(row_m_ptr, record, _ROW_M) + rows, sum_m.to(tl.float32), mask=ok)
-        tl.store(_ptr(row_v_ptr, record, _ROW_V) + rows, sum_v.to(tl.float32), mask=ok)
+        if RAW_SUMS:
+            at = sums_ptr + tl.load(record + _SUM_ROW) + tl.load(record + _ROW0) + rows
+            if MOMENTUM:
+                tl.store(at, sum_m, mask=ok)
+            tl.store(at + sums_rows, sum_v, mask=ok)
+        else:
+            if MOMENTUM:
+                tl.store(_ptr(row_m_ptr, record, _ROW_M) + rows, sum_m.to(tl.float32), mask=ok)
+            tl.store(_ptr(row_v_ptr, record, _ROW_V) + rows, sum_v.to(tl.float32), mask=ok)
     else:
         first = tl.load(record + _FIRST)
         n_tiles = nrb * ncb
@@ -396,9 +418,19 @@ def _finalize_kernel(
             if MOMENTUM:
                 sum_m += tl.load(col_m_part + k * m_cols + cols, mask=ok, other=0.0).to(tl.float64)
             sum_v += tl.load(col_v_part + k * m_cols + cols, mask=ok, other=0.0).to(tl.float64)
-        if MOMENTUM:
-            tl.store(_ptr(col_m_ptr, record, _COL_M) + cols, smmf_col_factor(sum_m, total_m), mask=ok)
-        tl.store(_ptr(col_v_ptr, record, _COL_V) + cols, smmf_col_factor(sum_v, total_v), mask=ok)
+        if RAW_SUMS:
+            at = sums_ptr + 2 * sums_rows + tl.load(record + _SUM_COL) + cols
+            total_at = sums_ptr + 2 * (sums_rows + sums_cols) + tl.load(record + _SUM_INDEX)
+            first_part = part_idx == row_parts
+            if MOMENTUM:
+                tl.store(at, sum_m, mask=ok)
+                tl.store(total_at, total_m, mask=first_part)
+            tl.store(at + sums_cols, sum_v, mask=ok)
+            tl.store(total_at + sums_mats, total_v, mask=first_part)
+        else:
+            if MOMENTUM:
+                tl.store(_ptr(col_m_ptr, record, _COL_M) + cols, smmf_col_factor(sum_m, total_m), mask=ok)
+            tl.store(_ptr(col_v_ptr, record, _COL_V) + cols, smmf_col_factor(sum_v, total_v), mask=ok)
 
 
 # ---- Host side ------------------------------------------------------------------------------
@@ -421,6 +453,7 @@ class _SmmfPlan:
         "partials",
         "totals",
         "dummies",
+        "sums_shape",
         "_host",
     )
 
@@ -431,7 +464,29 @@ def _is_dense(p, vector_reshape):
     return is_dense(p, vector_reshape)
 
 
-def _validate(lists, vector_reshape, momentum) -> None:
+def _matrices(params, vector_reshape, windows):
+    """Per param: None (the dense path), or (n, m, row0, rows, skip) of the run of its matrix it
+    holds: all of it in one process; windows (FSDP2): (global numel or -1 for dense, start)."""
+    out = []
+    for i, p in enumerate(params):
+        numel = p.numel()
+        whole, start = (-1 if _is_dense(p, vector_reshape) else numel, 0) if windows is None else windows[i]
+        if whole < 0:
+            out.append(None)
+            continue
+        if not 0 <= start <= start + numel <= whole:
+            raise RuntimeError(
+                f"fused_optim: params[{i}] ({numel} elements from {start}) lies outside its param of "
+                f"{whole} elements"
+            )
+        n, m = smmf_shape(whole)
+        row0 = start // m if m else 0
+        rows = -(-(start + numel) // m) - row0 if numel else 0
+        out.append((n, m, row0, rows, start - row0 * m))
+    return out
+
+
+def _validate(lists, vector_reshape, momentum, matrices) -> None:
     params, grads, row_ms, col_ms, signs, row_vs, col_vs, exp_avgs, exp_avg_sqs, steps = lists
     n = len(params)
     if not (len(grads) == len(steps) == n):
@@ -439,7 +494,7 @@ def _validate(lists, vector_reshape, momentum) -> None:
             f"fused_optim: params, grads and state_steps differ in length: {n}, {len(grads)}, {len(steps)}"
         )
     device, p_dtype = params[0].device, params[0].dtype
-    n_dense = sum(_is_dense(p, vector_reshape) for p in params)
+    n_dense = sum(x is None for x in matrices)
     n_fac = n - n_dense
     if len(row_vs) != n_fac or len(col_vs) != n_fac or len(exp_avg_sqs) != n_dense:
         raise ValueError(
@@ -465,13 +520,13 @@ def _validate(lists, vector_reshape, momentum) -> None:
                 f"fused_optim: grads[{i}] has shape {tuple(grads[i].shape)} but params[{i}] has "
                 f"shape {tuple(p.shape)}"
             )
-        if _is_dense(p, vector_reshape):
+        if matrices[i] is None:
             expected = [(exp_avg_sqs[k_dense], "exp_avg_sqs", p.numel(), p_dtype)]
             if momentum:
                 expected.append((exp_avgs[k_dense], "exp_avgs", p.numel(), p_dtype))
             k_dense += 1
         else:
-            rows, cols = smmf_shape(p.numel())
+            rows, cols, _, run_rows, _ = matrices[i]
             expected = [
                 (row_vs[k_fac], "row_vs", rows, torch.float32),
                 (col_vs[k_fac], "col_vs", cols, torch.float32),
@@ -480,7 +535,7 @@ def _validate(lists, vector_reshape, momentum) -> None:
                 expected += [
                     (row_ms[k_fac], "row_ms", rows, torch.float32),
                     (col_ms[k_fac], "col_ms", cols, torch.float32),
-                    (signs[k_fac], "signs", rows * (-(-cols // WORD)), torch.int32),
+                    (signs[k_fac], "signs", run_rows * (-(-cols // WORD)), torch.int32),
                 ]
             k_fac += 1
         for t, what, numel, dtype in expected:
@@ -499,9 +554,10 @@ def _validate(lists, vector_reshape, momentum) -> None:
         _plan.check_device(t, device, f"state_steps[{i}]")
 
 
-def _build(lists, device, vector_reshape) -> _SmmfPlan:
+def _build(lists, device, matrices) -> _SmmfPlan:
     params = lists[_L_PARAMS]
     n = len(params)
+    sum_rows = sum_cols = sum_mats = 0
     bases = [_base_index(ts) for ts in lists]
     words = [0] * (n * RECORD)
     tile_counts, part_counts = [], []
@@ -516,7 +572,7 @@ def _build(lists, device, vector_reshape) -> _SmmfPlan:
     for i, p in enumerate(params):
         rec = i * RECORD
         numel = p.numel()
-        dense = _is_dense(p, vector_reshape)
+        dense = matrices[i] is None
         k = k_dense if dense else k_fac
         if dense:
             k_dense += 1
@@ -540,7 +596,7 @@ def _build(lists, device, vector_reshape) -> _SmmfPlan:
                     words[rec + _EXP_AVG.value] = offset(_L_EXP_AVG, k, i)
                 tiles = _cdiv(numel, TILE_R * TILE_C)
             else:
-                rows, cols = smmf_shape(numel)
+                _, cols, row0, rows, skip = matrices[i]
                 nrb, ncb = _cdiv(rows, TILE_R), _cdiv(cols, TILE_C)
                 for role, word in ((_L_ROW_V, _ROW_V), (_L_COL_V, _COL_V)):
                     words[rec + word.value] = offset(role, k, i)
@@ -555,9 +611,16 @@ def _build(lists, device, vector_reshape) -> _SmmfPlan:
                 words[rec + _NCB.value] = ncb
                 words[rec + _PARTIALS.value] = partials
                 words[rec + _ROW_PARTS.value] = _cdiv(rows, PART)
+                words[rec + _ROW0.value] = row0
+                words[rec + _SKIP.value] = skip
+                words[rec + _SUM_ROW.value] = sum_rows
+                words[rec + _SUM_COL.value] = sum_cols
+                words[rec + _SUM_INDEX.value] = sum_mats
                 partials += 2 * (rows * ncb + nrb * cols)
                 tiles = nrb * ncb
                 parts = _cdiv(rows, PART) + _cdiv(cols, PART)
+        if not dense:  # an empty shard of a matrix too: its place in the sums
+            sum_rows, sum_cols, sum_mats = sum_rows + matrices[i][0], sum_cols + matrices[i][1], sum_mats + 1
         if tiles >= 2**31:
             raise RuntimeError(f"fused_optim: params[{i}] is too large for one launch")
         tile_counts.append(tiles)
@@ -577,6 +640,7 @@ def _build(lists, device, vector_reshape) -> _SmmfPlan:
     plan.tiles = buf[n * RECORD : n * RECORD + len(tiles_t)]
     plan.parts = buf[n * RECORD + len(tiles_t) :]
     plan.n_tiles, plan.n_parts = len(tiles_t), len(parts_t)
+    plan.sums_shape = (sum_rows, sum_cols, sum_mats)
     plan.bases = bases
     plan._host = host if on_cuda else None
     plan.partials = torch.empty(partials + 1, dtype=torch.float32, device=device)
@@ -593,12 +657,13 @@ _CACHE = _plan.PlanCache()
 _NEEDS_COPIES = object()
 
 
-def _key(lists, device, vector_reshape):
+def _key(lists, device, vector_reshape, windows):
     params = lists[_L_PARAMS]
     try:
         return (
             device,
             vector_reshape,
+            windows,
             params[0].dtype,
             tuple(map(torch.Tensor.size, params)),
             _plan.layouts(params),
@@ -632,6 +697,9 @@ def smmf(
     grad_scale=None,
     found_inf=None,
     clip_coef=None,
+    global_numels=None,
+    starts=None,
+    sums=None,
 ):
     """One SMMF step in two launches (fused_optim.functional.smmf has the arguments)."""
     if not params:
@@ -645,13 +713,17 @@ def smmf(
     for what, t in (("grad_scale", grad_scale), ("found_inf", found_inf), ("clip_coef", clip_coef)):
         _plan.check_scalar(t, device, what)
     lr_value, lr_tensor = _lr_split(lr, device)
-    key = _key(lists, device, vector_reshape)
+    if (global_numels is None) != (sums is None) or (starts is None) != (sums is None):
+        raise ValueError("fused_optim: global_numels, starts and sums go together")
+    windows = None if sums is None else tuple(zip(global_numels, starts, strict=True))
+    key = _key(lists, device, vector_reshape, windows)
     plan = _CACHE.get(key) if key is not None else None
     if plan is None:
-        _validate(lists, vector_reshape, momentum)
+        matrices = _matrices(params, vector_reshape, windows)
+        _validate(lists, vector_reshape, momentum, matrices)
         _plan.check_runnable(_update_kernel, device)
         contiguous = all(t.is_contiguous() for ts in lists for t in ts)
-        plan = _build(lists, device, vector_reshape) if contiguous else _NEEDS_COPIES
+        plan = _build(lists, device, matrices) if contiguous else _NEEDS_COPIES
         if key is not None:
             _CACHE.put(key, plan)
     write_back = []
@@ -662,7 +734,15 @@ def smmf(
                     ts[i] = t.contiguous()
                     if r != _L_GRADS:
                         write_back.append((t, ts[i]))
-        plan = _build(lists, device, vector_reshape)
+        plan = _build(lists, device, _matrices(params, vector_reshape, windows))
+    if sums is not None:
+        wanted = 2 * sum(plan.sums_shape)
+        if sums.dtype != torch.float64 or sums.numel() != wanted or not sums.is_contiguous():
+            raise ValueError(
+                f"fused_optim: sums must be a contiguous float64 tensor of {wanted} elements (SmmfSums), got "
+                f"{sums.dtype} of {sums.numel()}"
+            )
+        _plan.check_device(sums, device, "sums")
 
     def base(r, dtype):
         b = plan.bases[r]
@@ -722,6 +802,9 @@ def smmf(
             plan.partials,
             plan.totals,
             found_inf,
+            sums,
+            *plan.sums_shape,
+            RAW_SUMS=sums is not None,
             PART=PART,
             BLOCK_T=256,
             num_warps=NUM_WARPS,

@@ -180,6 +180,28 @@ struct Passes {
   explicit Passes(const SmmfArgs& args)
       : a(args), mult(grad_multiplier(false, args.grad_scale, args.clip_coef)), lr(read_lr(args)) {}
 
+  // Pass 1 on row i of a tile whose elements are not all the tensor's (the first or last row a
+  // shard touches): run on zero-padded copies, as update_partial_word does (zero factors there
+  // give M = V = 0: nothing added to the sums, 0 bits), then the tensor's elements copied back.
+  void update_cut_row(const SmmfTensor& t, const SmmfTile& x, int64_t e, int64_t lo, int64_t hi,
+                      int32_t* sign, float rm, float rv, const SmmfScalars& s, float* col_m,
+                      float* col_v, float* row_m, float* row_v) {
+    P* theta = static_cast<P*>(t.param) + e;
+    const P* grad = static_cast<const P*>(t.grad) + e;
+    const auto n = static_cast<size_t>(x.n_cols);
+    std::vector<P> th(n, P(0.0f)), g(n, P(0.0f));
+    std::vector<float> cm(n, 0.0f), cv(n, 0.0f);
+    for (int64_t j = lo; j < hi; ++j) {
+      th[j] = theta[j];
+      g[j] = grad[j];
+      cm[j] = kMomentum ? t.col_m[x.col0 + j] : 0.0f;
+      cv[j] = t.col_v[x.col0 + j];
+    }
+    row_fn(th.data(), g.data(), kMomentum ? cm.data() : nullptr, cv.data(), sign, rm, rv, x.n_cols,
+           mult, s, col_m, col_v, row_m, row_v);
+    for (int64_t j = lo; j < hi; ++j) theta[j] = th[j];
+  }
+
   // Pass 1 over tiles [begin, end).
   void update(int64_t begin, int64_t end) {
     std::vector<float> col_m, col_v;
@@ -202,12 +224,18 @@ struct Passes {
       const SmmfPartials p = smmf_partials(t, a.partials);
       double tile_m = 0.0, tile_v = 0.0;
       for (int64_t i = x.row0; i < x.row0 + x.n_rows; ++i) {
-        const int64_t e = i * t.cols + x.col0;
+        const int64_t e = i * t.cols + x.col0 - t.skip;  // the tensor's element at column col0
+        const int64_t lo = std::max<int64_t>(0, -e), hi = std::min(x.n_cols, t.numel - e);
+        int32_t* sign = kMomentum ? t.sign + i * t.words + x.col0 / kSmmfWordBits : nullptr;
+        const float row_m = kMomentum ? t.row_m[t.row0 + i] : 0.0f, row_v = t.row_v[t.row0 + i];
         float rm = 0.0f, rv = 0.0f;
-        row_fn(theta + e, grad + e, kMomentum ? t.col_m + x.col0 : nullptr, t.col_v + x.col0,
-               kMomentum ? t.sign + i * t.words + x.col0 / kSmmfWordBits : nullptr,
-               kMomentum ? t.row_m[i] : 0.0f, t.row_v[i], x.n_cols, mult, s, col_m.data(),
-               col_v.data(), &rm, &rv);
+        if (lo > 0 || hi < x.n_cols) {
+          update_cut_row(t, x, e, lo, hi, sign, row_m, row_v, s, col_m.data(), col_v.data(), &rm,
+                         &rv);
+        } else {
+          row_fn(theta + e, grad + e, kMomentum ? t.col_m + x.col0 : nullptr, t.col_v + x.col0,
+                 sign, row_m, row_v, x.n_cols, mult, s, col_m.data(), col_v.data(), &rm, &rv);
+        }
         p.row_m[i * t.col_tiles + x.cb] = rm;
         p.row_v[i * t.col_tiles + x.cb] = rv;
         tile_m += rm;
@@ -233,10 +261,11 @@ struct Passes {
       if (part == 0) *t.step = *t.step + 1.0f;
       if (!t.factored || t.numel == 0) continue;
       const SmmfPartials p = smmf_partials(t, a.partials);
+      const SmmfRawSums out = smmf_raw_sums(t, a.sums, a.sums_rows, a.sums_cols, a.sums_mats);
       if (part < t.row_parts) {
         const int64_t i1 = std::min(t.rows, (part + 1) * kSmmfFinalizeChunk);
         for (int64_t i = part * kSmmfFinalizeChunk; i < i1; ++i)
-          smmf_finalize_row<kMomentum>(t, p, i);
+          smmf_finalize_row<kMomentum>(t, p, out, i);
         continue;
       }
       const int64_t n_tiles = t.row_tiles * t.col_tiles;
@@ -253,6 +282,17 @@ struct Passes {
           m[j - j0] += p.col_m[k * t.cols + j];
           v[j - j0] += p.col_v[k * t.cols + j];
         }
+      }
+      if (out.col_v != nullptr) {  // raw sums: the caller divides once they are whole
+        for (int64_t j = j0; j < j1; ++j) {
+          if (kMomentum) out.col_m[j] = m[j - j0];
+          out.col_v[j] = v[j - j0];
+        }
+        if (j0 == 0) {
+          if (kMomentum) *out.total_m = total_m;
+          *out.total_v = total_v;
+        }
+        continue;
       }
       for (int64_t j = j0; j < j1; ++j) {
         if (kMomentum) t.col_m[j] = smmf_col_factor(m[j - j0], total_m);

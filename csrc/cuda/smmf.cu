@@ -101,9 +101,9 @@ __global__ void __launch_bounds__(kThreads) update_kernel(SmmfArgs a) {
   const int word = warp % words, group = warp / words;
   const int64_t j = static_cast<int64_t>(word) * cuda::kWarpSize + lane;  // column in the tile
   const bool active = group < groups;
-  const bool valid = active && j < x.n_cols;
-  const float cm = kMomentum && valid ? t.col_m[x.col0 + j] : 0.0f;
-  const float cv = valid ? t.col_v[x.col0 + j] : 0.0f;
+  const bool in_tile = active && j < x.n_cols;
+  const float cm = kMomentum && in_tile ? t.col_m[x.col0 + j] : 0.0f;
+  const float cv = in_tile ? t.col_v[x.col0 + j] : 0.0f;
   float acc_m = 0.0f, acc_v = 0.0f;  // this column's sums over the rows this warp takes
   const SmmfPartials p = smmf_partials(t, a.partials);
   float* row_m_out = p.row_m;
@@ -114,12 +114,15 @@ __global__ void __launch_bounds__(kThreads) update_kernel(SmmfArgs a) {
       const int64_t at = i * t.words + x.col0 / kSmmfWordBits + word;  // this warp's sign word
       const uint32_t old = kMomentum ? static_cast<uint32_t>(t.sign[at]) : 0u;
       float m = 0.0f, v = 0.0f;
+      // the tensor's element; a shard's first and last rows hold only some (SmmfTensor)
+      const int64_t e = i * t.cols + x.col0 + j - t.skip;
+      const bool valid = in_tile && e >= 0 && e < t.numel;
       if (valid) {
-        const int64_t e = i * t.cols + x.col0 + j;
         float theta = load<P>(t.param, e);
-        const float m_old = kMomentum ? smmf_signed(t.row_m[i], cm, (old >> lane) & 1u) : 0.0f;
-        smmf_element<kMomentum, kL2>(theta, load<P>(t.grad, e) * mult, m_old, t.row_v[i] * cv, s, m,
-                                     v);
+        const float m_old =
+            kMomentum ? smmf_signed(t.row_m[t.row0 + i], cm, (old >> lane) & 1u) : 0.0f;
+        smmf_element<kMomentum, kL2>(theta, load<P>(t.grad, e) * mult, m_old,
+                                     t.row_v[t.row0 + i] * cv, s, m, v);
         store<P>(t.param, e, theta);
       }
       const float abs_m = fabsf(m);  // 0 in the lanes past the row's end
@@ -194,10 +197,11 @@ __global__ void __launch_bounds__(kThreads) finalize_kernel(SmmfArgs a) {
   if (part == 0 && threadIdx.x == 0) *t.step = *t.step + 1.0f;
   if (!t.factored || t.numel == 0) return;
   const SmmfPartials p = smmf_partials(t, a.partials);
+  const SmmfRawSums out = smmf_raw_sums(t, a.sums, a.sums_rows, a.sums_cols, a.sums_mats);
   if (part < t.row_parts) {
     const int64_t i1 = min(t.rows, (part + 1) * kSmmfFinalizeChunk);
     for (int64_t i = part * kSmmfFinalizeChunk + threadIdx.x; i < i1; i += kThreads) {
-      smmf_finalize_row<kMomentum>(t, p, i);
+      smmf_finalize_row<kMomentum>(t, p, out, i);
     }
     return;
   }
@@ -220,11 +224,20 @@ __global__ void __launch_bounds__(kThreads) finalize_kernel(SmmfArgs a) {
   __syncthreads();
   const int64_t j0 = (part - t.row_parts) * kSmmfFinalizeChunk;
   const int64_t j1 = min(t.cols, j0 + kSmmfFinalizeChunk);
+  if (out.col_v != nullptr && j0 == 0 && threadIdx.x == 0) {  // raw sums: the caller divides
+    if (kMomentum) *out.total_m = totals[0];
+    *out.total_v = totals[1];
+  }
   for (int64_t j = j0 + threadIdx.x; j < j1; j += kThreads) {
     double m = 0.0, v = 0.0;
     for (int64_t k = 0; k < t.row_tiles; ++k) {
       m += p.col_m[k * t.cols + j];
       v += p.col_v[k * t.cols + j];
+    }
+    if (out.col_v != nullptr) {
+      if (kMomentum) out.col_m[j] = m;
+      out.col_v[j] = v;
+      continue;
     }
     if (kMomentum) t.col_m[j] = smmf_col_factor(m, totals[0]);
     t.col_v[j] = smmf_col_factor(v, totals[1]);

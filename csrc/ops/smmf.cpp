@@ -1,6 +1,7 @@
 // The SMMF operator (math/smmf.h): torch.ops.fused_optim.smmf_. Checks the tensor lists, views
 // every factorized param as its square-matricized matrix (row-major; working copies when a
-// tensor is not), builds the tile / part plan and the scratch, and runs the two passes.
+// tensor is not), or a shard as its run of that matrix, builds the tile / part plan and the
+// scratch, and runs the two passes.
 #include <torch/library.h>
 
 #include <algorithm>
@@ -51,15 +52,27 @@ void smmf_(at::TensorList params, at::TensorList grads, at::TensorList row_ms,
            std::optional<double> beta, double eps, double weight_decay, double decay_rate,
            double growth_rate, bool vector_reshape, bool decoupled,
            const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
-           const std::optional<at::Tensor>& clip_coef) {
+           const std::optional<at::Tensor>& clip_coef, at::OptionalIntArrayRef global_numels,
+           at::OptionalIntArrayRef starts, const std::optional<at::Tensor>& sums) {
   const size_t n = params.size();
   if (n == 0) return;
   TORCH_CHECK(grads.size() == n && steps.size() == n,
               "fused_optim: params, grads and state_steps must have the same length, got ", n, ", ",
               grads.size(), ", ", steps.size());
+  // FSDP2 shards (_reference/smmf.py's smmf has the contract): params[i] is the run of elements
+  // [starts[i], starts[i] + numel) of a param of global_numels[i] elements (-1: the dense path).
+  const bool sharded = global_numels.has_value();
+  TORCH_CHECK(sharded == starts.has_value() && sharded == sums.has_value(),
+              "fused_optim: global_numels, starts and sums go together");
+  TORCH_CHECK(!sharded || (global_numels->size() == n && starts->size() == n),
+              "fused_optim: global_numels and starts need one entry per param");
   const bool momentum = beta.has_value();
+  std::vector<bool> dense_of(n);
   size_t n_dense = 0;
-  for (const at::Tensor& p : params) n_dense += takes_dense_path(p, vector_reshape) ? 1 : 0;
+  for (size_t i = 0; i < n; ++i) {
+    dense_of[i] = sharded ? (*global_numels)[i] < 0 : takes_dense_path(params[i], vector_reshape);
+    n_dense += dense_of[i] ? 1 : 0;
+  }
   const size_t n_fac = n - n_dense;
   TORCH_CHECK(row_vs.size() == n_fac && col_vs.size() == n_fac && exp_avg_sqs.size() == n_dense,
               "fused_optim: expected row_vs and col_vs for each of the ", n_fac,
@@ -98,7 +111,7 @@ void smmf_(at::TensorList params, at::TensorList grads, at::TensorList row_ms,
   Layouts layouts;
   std::vector<SmmfTensor> records(n);
   std::vector<WorkItem> tiles, parts;
-  int64_t partials = 0;
+  int64_t partials = 0, sum_rows = 0, sum_cols = 0, sum_mats = 0;
   size_t next_fac = 0, next_dense = 0;
   for (size_t i = 0; i < n; ++i) {
     const auto ii = static_cast<int64_t>(i);
@@ -119,7 +132,7 @@ void smmf_(at::TensorList params, at::TensorList grads, at::TensorList row_ms,
     r.numel = p.numel();
     r.first_tile = static_cast<int64_t>(tiles.size());
     r.step = steps[i].data_ptr<float>();
-    const bool dense = takes_dense_path(p, vector_reshape);
+    const bool dense = dense_of[i];
     const size_t k = dense ? next_dense++ : next_fac++;
     int64_t n_tiles = 1, n_parts = 1;
     if (dense) {
@@ -136,10 +149,26 @@ void smmf_(at::TensorList params, at::TensorList grads, at::TensorList row_ms,
       }
     } else {
       r.factored = 1;
-      const auto [rows, cols] = smmf_shape(r.numel);
-      r.rows = rows;
+      const int64_t whole = sharded ? (*global_numels)[i] : r.numel;
+      const auto [rows, cols] = smmf_shape(whole);
       r.cols = cols;
       r.words = smmf_sign_words(cols);
+      r.rows = rows;  // one process: every row, from row 0
+      if (sharded) {
+        const int64_t start = (*starts)[i];
+        TORCH_CHECK(start >= 0 && start + r.numel <= whole, "fused_optim: params[", i, "] (",
+                    r.numel, " elements from ", start, ") lies outside its param of ", whole,
+                    " elements");
+        r.row0 = cols > 0 ? start / cols : 0;
+        r.rows = r.numel > 0 ? ceil_div(start + r.numel, cols) - r.row0 : 0;
+        r.skip = start - r.row0 * cols;
+        r.sum_row = sum_rows;
+        r.sum_col = sum_cols;
+        r.sum_index = sum_mats;
+      }
+      sum_rows += rows;
+      sum_cols += cols;
+      sum_mats += 1;
       state(row_vs[k], "row_vs", rows, at::kFloat);
       state(col_vs[k], "col_vs", cols, at::kFloat);
       r.row_v = layouts.contiguous(row_vs[k], true).data_ptr<float>();
@@ -147,7 +176,7 @@ void smmf_(at::TensorList params, at::TensorList grads, at::TensorList row_ms,
       if (momentum) {
         state(row_ms[k], "row_ms", rows, at::kFloat);
         state(col_ms[k], "col_ms", cols, at::kFloat);
-        state(signs[k], "signs", rows * r.words, at::kInt);
+        state(signs[k], "signs", r.rows * r.words, at::kInt);
         r.row_m = layouts.contiguous(row_ms[k], true).data_ptr<float>();
         r.col_m = layouts.contiguous(col_ms[k], true).data_ptr<float>();
         r.sign = layouts.contiguous(signs[k], true).data_ptr<int32_t>();
@@ -155,15 +184,15 @@ void smmf_(at::TensorList params, at::TensorList grads, at::TensorList row_ms,
       if (r.numel > 0) {
         r.param = layouts.use(p, ref, true).data_ptr();
         r.grad = layouts.use(grads[i], ref, false).data_ptr();
-        const SmmfTileShape shape = smmf_tile_shape(rows, cols, tile_elems, max_cols);
+        const SmmfTileShape shape = smmf_tile_shape(r.rows, cols, tile_elems, max_cols);
         r.tile_rows = shape.rows;
         r.tile_cols = shape.cols;
-        r.row_tiles = ceil_div(rows, shape.rows);
+        r.row_tiles = ceil_div(r.rows, shape.rows);
         r.col_tiles = ceil_div(cols, shape.cols);
         r.partials = partials;
-        partials += 2 * (rows * r.col_tiles + r.row_tiles * cols);
+        partials += 2 * (r.rows * r.col_tiles + r.row_tiles * cols);
         n_tiles = r.row_tiles * r.col_tiles;
-        r.row_parts = ceil_div(rows, kSmmfFinalizeChunk);
+        r.row_parts = ceil_div(r.rows, kSmmfFinalizeChunk);
         n_parts = r.row_parts + ceil_div(cols, kSmmfFinalizeChunk);
       }
     }
@@ -189,6 +218,19 @@ void smmf_(at::TensorList params, at::TensorList grads, at::TensorList row_ms,
   args.n_tensors = static_cast<int32_t>(n);
   args.n_tiles = static_cast<int64_t>(tiles.size());
   args.n_parts = static_cast<int64_t>(parts.size());
+  if (sharded) {
+    const at::Tensor& out = *sums;
+    check_same_device(out, device, "sums", 0);
+    TORCH_CHECK(out.scalar_type() == at::kDouble && out.is_contiguous() &&
+                    out.numel() == 2 * (sum_rows + sum_cols + sum_mats),
+                "fused_optim: sums must be a contiguous float64 tensor of ",
+                2 * (sum_rows + sum_cols + sum_mats), " elements (SmmfSums), got ",
+                out.scalar_type(), " of ", out.numel());
+    args.sums = out.data_ptr<double>();
+    args.sums_rows = sum_rows;
+    args.sums_cols = sum_cols;
+    args.sums_mats = sum_mats;
+  }
 
   if (cpu) {
     args.tensors = records.data();
@@ -227,7 +269,8 @@ TORCH_LIBRARY_FRAGMENT(fused_optim, m) {
       "Tensor(h!)[] exp_avg_sqs, Tensor(i!)[] state_steps, *, float lr, Tensor? lr_tensor, "
       "float? beta, float eps, float weight_decay, float decay_rate, float growth_rate, "
       "bool vector_reshape, bool decoupled, Tensor? grad_scale, Tensor? found_inf, "
-      "Tensor? clip_coef) -> ()");
+      "Tensor? clip_coef, int[]? global_numels=None, int[]? starts=None, "
+      "Tensor(j!)? sums=None) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(fused_optim, CPU, m) { m.impl("smmf_", &smmf_); }

@@ -13,16 +13,15 @@ params; the first-moment lists are empty when beta is None.
 
 Signs are bit-packed: signs[k] is an int32 tensor of shape (n, ceil(m / 32)); bit b of word w of
 row i is 1 where M[i, 32 w + b] > 0. Rows are padded to whole words, so no word holds bits of two
-rows (GPU tiles of whole words never share one). The shard of an FSDP2 param packs the rows of
-the param's own dim 0 instead (see `smmf`): a shard boundary can fall inside a square-matricized
-row, never inside a row of dim 0.
+rows (GPU tiles of whole words never share one). The shard of an FSDP2 param holds the words of
+the matrix rows its run of elements touches (`Window`; see `smmf`).
 """
 
 import math
 
 import torch
 
-from fused_optim._reference.adafactor import _skip, _Sums
+from fused_optim._reference.adafactor import _skip
 from fused_optim._reference.adam import _math_dtype, _scalar, prepare_grad
 
 WORD_BITS = 32
@@ -63,19 +62,21 @@ def pack_signs(positive: torch.Tensor) -> torch.Tensor:
     padded = torch.zeros(n, sign_words(m) * WORD_BITS, dtype=torch.int64, device=positive.device)
     padded[:, :m] = positive.to(torch.int64)
     shifts = torch.arange(WORD_BITS, device=positive.device, dtype=torch.int64)
-    words = (padded.reshape(n, -1, WORD_BITS) << shifts).sum(-1)
+    words = (padded.reshape(n, sign_words(m), WORD_BITS) << shifts).sum(-1)
     return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)  # two's complement
 
 
-class _Window:
+class Window:
     """A contiguous run of the elements of an n x m matrix, in row-major order: all of them in one
     process, this rank's shard of an FSDP2 param (dim-0 shards are runs of the flattened tensor,
-    which may start and end inside a row of the square-matricized view)."""
+    which may start and end inside a row of the square-matricized view). Its sign words cover the
+    rows it touches, [rows, ceil(m / 32)], bits of elements held elsewhere 0 (the kernels' layout:
+    tiles of whole words never share one)."""
 
     def __init__(self, n: int, m: int, start: int, length: int):
         self.n, self.m, self.length = n, m, length
-        self.row0 = start // m
-        self.rows = -(-(start + length) // m) - self.row0
+        self.row0 = start // m if m else 0
+        self.rows = -(-(start + length) // m) - self.row0 if length else 0
         self.skip = start - self.row0 * m  # elements of the first row held elsewhere
 
     def outer(self, row: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
@@ -83,26 +84,90 @@ class _Window:
         full = torch.outer(row[self.row0 : self.row0 + self.rows], col).reshape(-1)
         return full[self.skip : self.skip + self.length]
 
+    def padded(self, x: torch.Tensor) -> torch.Tensor:
+        """The run's elements x (flat) in the rows they touch, [rows, m], zeros elsewhere."""
+        block = x.new_zeros(self.rows * self.m)
+        block[self.skip : self.skip + self.length] = x
+        return block.view(self.rows, self.m)
+
     def sums(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The row sums (length n, zero for rows the run misses) and column sums (length m) of the
-        run's elements x (flat); in one process those of the whole matrix."""
-        if self.skip == 0 and self.rows * self.m == self.length:
-            block = x.reshape(self.rows, self.m)
-        else:
-            block = x.new_zeros(self.rows * self.m)
-            block[self.skip : self.skip + self.length] = x
-            block = block.view(self.rows, self.m)
-        row = x.new_zeros(self.n)
-        row[self.row0 : self.row0 + self.rows] = block.sum(dim=1)
-        return row, block.sum(dim=0)
+        """The row sums (of the rows the run touches) and column sums (length m) of its elements x."""
+        block = self.padded(x)
+        return block.sum(dim=1), block.sum(dim=0)
+
+    def unpack(self, words: torch.Tensor) -> torch.Tensor:
+        """The run's sign bits (flat bool) from its words."""
+        return unpack_signs(words, self.m).reshape(-1)[self.skip : self.skip + self.length]
+
+    def pack(self, positive: torch.Tensor) -> torch.Tensor:
+        return pack_signs(self.padded(positive))
 
 
-def _normalise(row_sum, col_sum, row: torch.Tensor, col: torch.Tensor) -> None:
-    """Rank-1 non-negative factors from a matrix's row and column sums (n >= m): the column sums
-    divided by their total unless it is 0 (no host sync: a select, not an `if`)."""
-    total = col_sum.sum()
-    row.copy_(row_sum)
-    col.copy_(torch.where(total != 0, col_sum / total, col_sum))
+class SmmfSums:
+    """The raw row and column sums of |M| and V of a step's factorized params (n_k x m_k, k in
+    order), flat in float64: [row sums of |M| (R) | of V (R) | column sums of |M| (C) | of V (C) |
+    totals of |M| (K) | of V (K)], R = sum n_k, C = sum m_k; param k's rows from sum_{k'<k} n_k'.
+    Every backend adds the sums of the elements it steps (a rank's shard, rows it does not touch
+    left 0), so under FSDP2 one all-reduce of this buffer makes them the whole matrices' sums;
+    `finish` then writes the new factors in a fixed number of ops, whatever the number of params."""
+
+    def __init__(self, shapes, device):
+        self.n = [n for n, _ in shapes]
+        self.m = [m for _, m in shapes]
+        self.row_at = [sum(self.n[:k]) for k in range(len(shapes))]
+        self.col_at = [sum(self.m[:k]) for k in range(len(shapes))]
+        self.R, self.C, self.K = sum(self.n), sum(self.m), len(shapes)
+        self.size = 2 * (self.R + self.C + self.K)
+        self.device = device
+        # each column's param, to divide it by that param's total
+        self.owner = torch.repeat_interleave(torch.arange(self.K), torch.tensor(self.m, dtype=torch.int64))
+        self.owner = self.owner.to(device)
+
+    def zeros(self) -> torch.Tensor:
+        return torch.zeros(self.size, dtype=torch.float64, device=self.device)
+
+    def add(self, sums, k: int, run: Window, abs_m, v) -> None:
+        """Param k's sums over its run's elements (abs_m None without momentum)."""
+        R, C, K = self.R, self.C, self.K
+        for x, row_base, col_base, total in (
+            (abs_m, 0, 2 * R, 2 * R + 2 * C),
+            (v, R, 2 * R + C, 2 * R + 2 * C + K),
+        ):
+            if x is None:
+                continue
+            row_sum, col_sum = run.sums(x.double())
+            at = row_base + self.row_at[k] + run.row0
+            sums[at : at + run.rows] += row_sum
+            sums[col_base + self.col_at[k] : col_base + self.col_at[k] + self.m[k]] += col_sum
+            sums[total + k] += col_sum.sum()
+
+    def finish(self, sums, row_ms, col_ms, row_vs, col_vs, found_inf=None) -> None:
+        """The new factors from the whole sums: the row sums, the column sums divided by their
+        total unless it is 0 (a select, not an `if`: no host sync); rounded to the factors' dtype
+        once.
+        A non-zero found_inf (GradScaler skipped the step) keeps the old factors."""
+        if self.K == 0:
+            return
+        R, C, K = self.R, self.C, self.K
+        rows_m, rows_v, cols_m, cols_v, total_m, total_v = sums.split([R, R, C, C, K, K])
+        for rows, cols, total, row_out, col_out in (
+            (rows_m, cols_m, total_m, row_ms, col_ms),
+            (rows_v, cols_v, total_v, row_vs, col_vs),
+        ):
+            if not row_out:
+                continue
+            nonzero = (total != 0)[self.owner]
+            dtype = row_out[0].dtype  # float32; fp64 in fp64 tests
+            rows = rows.to(dtype)
+            cols = torch.where(nonzero, cols / torch.where(total != 0, total, 1.0)[self.owner], cols).to(
+                dtype
+            )
+            if found_inf is not None:
+                skip = found_inf.to(rows.device) != 0
+                rows = torch.where(skip, torch.cat(row_out), rows)
+                cols = torch.where(skip, torch.cat(col_out), cols)
+            torch._foreach_copy_(row_out, rows.split(self.n))
+            torch._foreach_copy_(col_out, cols.split(self.m))
 
 
 def smmf(
@@ -128,9 +193,9 @@ def smmf(
     grad_scale: torch.Tensor | None = None,
     found_inf: torch.Tensor | None = None,
     clip_coef: torch.Tensor | None = None,
-    shard_key=None,
-    global_shapes=None,
-    global_offsets=None,
+    global_numels=None,
+    starts=None,
+    sums: torch.Tensor | None = None,
 ) -> None:
     """One SMMF step (ALGORITHMS.md section 4) over lists of tensors, in place.
 
@@ -138,20 +203,32 @@ def smmf(
     which the authors' code skips by mistake). Factors are fp32; dense moments have the param's
     dtype (fp64 in fp64 tests).
 
-    shard_key / global_shapes / global_offsets: the tensors are this rank's dim-0 shards of DTensor
-    params of those shapes, starting at those flat offsets. The factors are those of the whole
-    square-matricized param: each rank sums the part it holds, and the row and column sums of
-    every param are all-reduced together, once per step (_Sums). Each signs[k] then packs the
-    shard's own rows (shard.shape[0] rows of whole words), not the square-matricized ones."""
+    global_numels / starts / sums (FSDP2; all three or none): params[i] is the run of elements
+    [starts[i], starts[i] + numel) of a flattened param of global_numels[i] elements (-1: one
+    taking the dense path, decided on its global shape), whose square-matricized view is what is
+    factored. Each signs[k] then holds the rows the run touches
+    (`Window`), and the step adds its raw row and column sums to `sums` (zeros, laid out as
+    `SmmfSums`) instead of writing the factors: the caller reduces them over the ranks and calls
+    SmmfSums.finish. In one process the step finishes them itself."""
     if _skip(found_inf):
         return
     lr = _scalar(lr)
     momentum = beta is not None
-    sums = _Sums(params, shard_key, global_shapes)
-    new_factors = []  # (row sums, column sums, row factor, column factor), normalised last
+    if global_numels is None:
+        numels = [p.numel() for p in params]
+        dense_of = [is_dense(p, vector_reshape) for p in params]
+    else:  # the dense path is decided on the global shape: the caller marks it -1
+        numels = list(global_numels)
+        dense_of = [n < 0 for n in numels]
+    layout = SmmfSums(
+        [smmf_shape(numels[i]) for i in range(len(params)) if not dense_of[i]], params[0].device
+    )
+    own_sums = sums is None
+    if own_sums:
+        sums = layout.zeros()
     k_fac = k_dense = 0
     for i, param in enumerate(params):
-        dense = is_dense(sums.shapes[i], vector_reshape)
+        dense = dense_of[i]
         k = k_dense if dense else k_fac
         if dense:
             k_dense += 1
@@ -160,7 +237,7 @@ def smmf(
         step_t = state_steps[i]
         t = _scalar(step_t) + 1.0
         step_t.add_(1)
-        if sums.numel(i) == 0:
+        if param.numel() == 0:
             continue
         md = _math_dtype(param)
         g = prepare_grad(grads[i], md, maximize=False, grad_scale=grad_scale, clip_coef=clip_coef)
@@ -180,24 +257,18 @@ def smmf(
                 m = beta_m * exp_avgs[k].to(md) + (1.0 - beta_m) * g
                 exp_avgs[k].copy_(m)
         else:
-            start = 0 if global_offsets is None else global_offsets[i]
-            run = _Window(*smmf_shape(sums.numel(i)), start, param.numel())
+            start = 0 if starts is None else starts[i]
+            run = Window(*smmf_shape(numels[i]), start, param.numel())
             g = g.reshape(-1)
             v = beta_v * run.outer(row_vs[k].to(md), col_vs[k].to(md)) + (1.0 - beta_v) * (g * g)
             if momentum:
                 m_old = run.outer(row_ms[k].to(md), col_ms[k].to(md))
-                rows = signs[k].shape[0]
-                if rows:
-                    packed = (rows, param.numel() // rows)
-                    m_old = torch.where(unpack_signs(signs[k], packed[1]).reshape(-1), m_old, -m_old)
+                m_old = torch.where(run.unpack(signs[k]), m_old, -m_old)
                 m = beta_m * m_old + (1.0 - beta_m) * g
-                if rows:
-                    signs[k].copy_(pack_signs((m > 0).reshape(packed)))
-                new_factors.append((*map(sums.whole, run.sums(m.abs())), row_ms[k], col_ms[k]))
-            new_factors.append((*map(sums.whole, run.sums(v)), row_vs[k], col_vs[k]))
+                signs[k].copy_(run.pack(m > 0))
+            layout.add(sums, k, run, m.abs() if momentum else None, v)
         u = (m if momentum else g) / (v.sqrt() + eps)
         theta = theta - lr * u.reshape(theta.shape)
         param.copy_(theta)
-    sums.reduce()
-    for row_sum, col_sum, row, col in new_factors:
-        _normalise(row_sum, col_sum, row, col)
+    if own_sums:
+        layout.finish(sums, row_ms, col_ms, row_vs, col_vs)

@@ -3,7 +3,15 @@
 import torch
 
 from fused_optim import _distributed
-from fused_optim._reference.smmf import is_dense, pack_signs, sign_words, smmf_shape, unpack_signs
+from fused_optim._reference.smmf import (
+    SmmfSums,
+    Window,
+    is_dense,
+    pack_signs,
+    sign_words,
+    smmf_shape,
+    unpack_signs,
+)
 from fused_optim.optim._base import _as_float, kernel_lr
 from fused_optim.optim._docs import FUSED_ARGS, FUSED_ATTRIBUTES, FUSED_NOTES
 from fused_optim.optim.adafactor import AdafactorFamily, _holds
@@ -50,11 +58,13 @@ class SMMF(AdafactorFamily):
 
         ``state_dict()`` packs ``sign`` in the param's own dim-0 rows instead,
         [shape[0], ceil(numel / shape[0] / 32)] (a 0-d param: [1, 1]), and loading repacks it.
-        FSDP2 (DTensor params sharded on dim 0): the factors are those of the whole param, plain
-        tensors identical on every rank (one all-reduce of row and column sums per step); ``sign``
-        is a DTensor split like the param, kept in that dim-0 layout (shard boundaries never cut
-        a dim-0 row). So a checkpoint moves between one process and FSDP2 both ways, through
-        ``torch.distributed.checkpoint`` and full state dicts alike.
+        FSDP2 (DTensor params sharded on dim 0): each rank's fused step takes its run of the
+        square-matricized matrix; the factors are those of the whole param, plain tensors
+        identical on every rank (one all-reduce of row and column sums per step). ``sign`` holds
+        the words of the matrix rows the rank's run touches, a plain tensor; ``state_dict()``
+        gives it as a DTensor split like the param, in the dim-0 layout above (shard boundaries
+        never cut a dim-0 row). So a checkpoint moves between one process and FSDP2 both ways,
+        through ``torch.distributed.checkpoint`` and full state dicts alike.
 
         Args:
             params (iterable): params to optimize, or dicts defining param groups.
@@ -166,8 +176,9 @@ class SMMF(AdafactorFamily):
 
     @staticmethod
     def _sign_rows(p) -> tuple[int, int]:
-        """The (rows, elements per row) that p's sign bits are packed in: the square-matricized
-        view, or for a param sharded on dim 0 its own rows (which shard boundaries never cut)."""
+        """The (rows, elements per row) of p's whole sign state: the square-matricized view, or
+        for a param sharded on dim 0 its own rows, the saved layout a loaded state is checked in
+        (the kernels keep each rank's part of it as `_window_shape`)."""
         if _distributed.shard_key(p) is None:
             return smmf_shape(p.numel())
         return SMMF._saved_sign_rows(p)
@@ -202,13 +213,11 @@ class SMMF(AdafactorFamily):
         dtype, shape = self._state_dtype_of(p, key), self._state_shape(p, key)
         if _distributed.is_dtensor(p):
             local = p.to_local()
+            if key == "sign" and _distributed.shard_key(p) is not None:
+                return local.new_zeros(_window_shape(p), dtype=dtype)
             if not self._follows_dim0(p, key):
                 return local.new_zeros(shape, dtype=dtype)
-            if key == "sign":
-                rows = local.shape[0] if _distributed.shard_key(p) is not None else shape[0]
-                local = local.new_zeros((rows, shape[1]), dtype=dtype)
-            else:
-                local = torch.zeros_like(local)
+            local = local.new_zeros(shape, dtype=dtype) if key == "sign" else torch.zeros_like(local)
             return _distributed.from_local_like(local, p, shape)
         if key in ("exp_avg", "exp_avg_sq"):
             return torch.zeros_like(p, memory_format=torch.preserve_format)
@@ -223,6 +232,8 @@ class SMMF(AdafactorFamily):
         """A state of DTensor param p: the factors whole and plain on every rank, the signs and
         dense moments a DTensor laid out as p (a one-process state, or one in another layout, is
         repacked where needed and cut into this rank's shard)."""
+        if key == "sign" and _distributed.shard_key(p) is not None:
+            return self._window_signs(p, value)
         follows = self._follows_dim0(p, key)
         if _distributed.is_dtensor(value):
             wanted = (p.device_mesh, p.placements, self._state_shape(p, key), self._state_dtype_of(p, key))
@@ -231,6 +242,32 @@ class SMMF(AdafactorFamily):
             value = value.full_tensor()  # another layout: gathered once, at load
         value = self._checked_state(p, key, value)
         return _distributed.like_param(value, p) if follows else value
+
+    def _window_signs(self, p, value, *, kernel_layout_ok: bool = True):
+        """The sign words of p, sharded on dim 0, in the kernels' layout: a plain tensor of the
+        matrix rows this rank's run of elements touches (`Window`), from `value`: that layout
+        already (kernel_layout_ok), a DTensor of the saved layout (dim-0 rows) split as p, or a
+        whole state in either one-process layout (cut here: no communication)."""
+        local_p = p.to_local()
+        plain = not _distributed.is_dtensor(value)
+        if plain and kernel_layout_ok and tuple(value.shape) == _window_shape(p):
+            return (
+                value
+                if value.dtype == torch.int32 and value.device == local_p.device
+                else value.to(device=local_p.device, dtype=torch.int32)
+            )
+        saved = (p.shape[0], sign_words(self._saved_sign_rows(p)[1]))
+        if not plain and (value.device_mesh, value.placements, tuple(value.shape)) == (
+            p.device_mesh,
+            p.placements,
+            saved,
+        ):
+            rows = value.to_local().to(device=local_p.device, dtype=torch.int32)
+        else:
+            whole = value.full_tensor() if not plain else value
+            whole = self._checked_state(p, "sign", whole)  # repacked in dim-0 rows, shape checked
+            rows = _distributed.like_param(whole, p).to_local()
+        return _window_from_rows(rows, p)
 
     def _checked_state(self, p, key, value):
         """A plain tensor `value` for state `key` of p (plain or DTensor) on p's (local) device in
@@ -257,8 +294,7 @@ class SMMF(AdafactorFamily):
 
     def state_dict(self):
         """As torch.optim's, with each ``sign`` packed in its param's dim-0 rows (see
-        _saved_sign_rows): a copy where the kernels keep another layout, the live tensor where
-        they keep this one (FSDP2 shards)."""
+        _saved_sign_rows), a copy: under FSDP2 a DTensor split like the param."""
         sd = super().state_dict()
         saved_ids = [i for g in sd["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
@@ -266,6 +302,10 @@ class SMMF(AdafactorFamily):
             state = sd["state"].get(saved_id)
             sign = state.get("sign") if isinstance(state, dict) else None
             rows = self._saved_sign_rows(p)
+            if torch.is_tensor(sign) and _distributed.shard_key(p) is not None:
+                local = _rows_from_window(sign, p)
+                state["sign"] = _distributed.from_local_like(local, p, (rows[0], sign_words(rows[1])))
+                continue
             if not torch.is_tensor(sign) or tuple(sign.shape) == (rows[0], sign_words(rows[1])):
                 continue
             if _distributed.is_dtensor(sign):  # replicated: every rank repacks its whole copy
@@ -290,12 +330,34 @@ class SMMF(AdafactorFamily):
                 value = saved.get(key)
                 if torch.is_tensor(value):
                     dtype = self._state_dtype_of(p, key)
-                    self.state[p][key] = value.to(device=p.device, dtype=dtype, copy=True)
+                    value = value.to(device=p.device, dtype=dtype, copy=True)
+                    if key == "sign" and _distributed.shard_key(p) is not None:
+                        value = self._window_signs(p, value, kernel_layout_ok=False)
+                    self.state[p][key] = value
 
-    @staticmethod
-    def _shard_args(bucket) -> dict:
-        offsets = [_distributed.flat_offset(p) for p in bucket.dtensors]
-        return dict(AdafactorFamily._shard_args(bucket), global_offsets=offsets)
+    def _make_run(self, backend, bucket, group, op_only: bool):
+        """Shards of FSDP2 params: the backend's step over this rank's runs of the square-matricized
+        params adds their raw row and column sums to one flat buffer, reduced over the mesh with
+        one all-reduce, from which every rank writes the same new factors (SmmfSums.finish)."""
+        if bucket.shard_key is None:
+            return super()._make_run(backend, bucket, group, op_only)
+        fn, params, lists = backend.smmf, bucket.params, self._lists(bucket.states)
+        vector_reshape = group["vector_reshape"]
+        dense = [is_dense(p, vector_reshape) for p in bucket.dtensors]
+        numels = [-1 if d else p.numel() for p, d in zip(bucket.dtensors, dense, strict=True)]
+        starts = [_distributed.flat_offset(p) for p in bucket.dtensors]
+        shapes = [smmf_shape(n) for n in numels if n >= 0]
+        layout = SmmfSums(shapes, bucket.device)
+        row_ms, col_ms, _, row_vs, col_vs = lists[:5]
+        key = bucket.shard_key
+
+        def run(grads, **kw):
+            sums = layout.zeros()
+            fn(params, grads, *lists, global_numels=numels, starts=starts, sums=sums, **kw)
+            _distributed.all_reduce(sums, key)
+            layout.finish(sums, row_ms, col_ms, row_vs, col_vs, found_inf=kw.get("found_inf"))
+
+        return run
 
     @staticmethod
     def _lists(states) -> tuple:
@@ -309,6 +371,34 @@ class SMMF(AdafactorFamily):
             growth_rate=float(group["growth_rate"]), vector_reshape=bool(group["vector_reshape"]),
             decoupled=self.weight_decay_mode == "adamw",
         )  # fmt: skip
+
+
+def _window_of(p) -> Window:
+    """The run of the square-matricized matrix that this rank's shard of DTensor p holds."""
+    return Window(*smmf_shape(p.numel()), _distributed.flat_offset(p), p.to_local().numel())
+
+
+def _window_shape(p) -> tuple[int, int]:
+    window = _window_of(p)
+    return window.rows, sign_words(window.m)
+
+
+def _window_from_rows(rows: torch.Tensor, p) -> torch.Tensor:
+    """This rank's sign words in the kernels' layout from those of its dim-0 rows."""
+    window = _window_of(p)
+    if window.length == 0:
+        return rows.new_zeros(_window_shape(p))
+    bits = unpack_signs(rows, p.numel() // p.shape[0]).reshape(-1)
+    return window.pack(bits)
+
+
+def _rows_from_window(words: torch.Tensor, p) -> torch.Tensor:
+    """The reverse: this rank's sign words packed in its dim-0 rows (the saved layout)."""
+    local = p.to_local()
+    row_len = p.numel() // p.shape[0]
+    if local.numel() == 0:
+        return words.new_zeros((local.shape[0], sign_words(row_len)))
+    return pack_signs(_window_of(p).unpack(words).reshape(local.shape[0], row_len))
 
 
 def _repacked_signs(words: torch.Tensor, numel: int, to: tuple[int, int]) -> torch.Tensor:

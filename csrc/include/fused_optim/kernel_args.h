@@ -100,6 +100,10 @@ struct SmmfArgs {
   // Scratch, on the params' device.
   float* partials = nullptr;      // the row / column partial sums (SmmfTensor::partials)
   double* tile_totals = nullptr;  // 2 per tile: the tile's sum of |M|, of V
+  // FSDP2 shards: pass 2 writes the raw sums here instead of the factors (smmf_raw_sums), a
+  // buffer of 2 (sums_rows + sums_cols + sums_mats) doubles; null in one process.
+  double* sums = nullptr;
+  int64_t sums_rows = 0, sums_cols = 0, sums_mats = 0;
 };
 
 // Per-work-item partial results of a p-norm, written in double to `partials[item]`.

@@ -59,22 +59,28 @@ struct AdafactorTensor {
 // into tiles of tile_rows x tile_cols; dense (or empty): flat tiles of tile_cols elements.
 // Partial offsets index the call's float scratch: [row][column tile] sums of |M|, then of V,
 // then [row tile][column] sums of |M|, then of V.
+// A rank's shard of an FSDP2 param holds a run of the matrix's elements that may start and end
+// inside a row: `rows` are then the rows it touches from row `row0`, and element (i, j) of them
+// is element i * cols + j - skip of the tensor (those outside [0, numel) are held elsewhere).
+// In one process row0 = skip = 0 and rows = n.
 struct SmmfTensor {
   void* param;
   const void* grad;
-  float* row_m;  // factorized, with momentum: r_M [rows], c_M [cols], sign words [rows][words]
+  float* row_m;  // factorized, with momentum: r_M [n], c_M [cols], sign words [rows][words]
   float* col_m;
   int32_t* sign;
-  float* row_v;  // factorized: r_V [rows], c_V [cols]
+  float* row_v;  // factorized: r_V [n], c_V [cols]
   float* col_v;
   void* exp_avg;  // dense: M (with momentum) and V, laid out like param
   void* exp_avg_sq;
   float* step;
   int64_t numel, rows, cols, words;
+  int64_t row0, skip;
   int64_t tile_rows, tile_cols, row_tiles, col_tiles;
-  int64_t first_tile;  // index of its first tile among the call's tiles
-  int64_t partials;    // offset of its partial sums in the call's scratch
-  int64_t row_parts;   // finalize parts over rows; the column parts follow
+  int64_t first_tile;                   // index of its first tile among the call's tiles
+  int64_t partials;                     // offset of its partial sums in the call's scratch
+  int64_t row_parts;                    // finalize parts over rows; the column parts follow
+  int64_t sum_row, sum_col, sum_index;  // where its raw sums go (SmmfArgs::sums), when they do
   int32_t factored;
 };
 
@@ -118,13 +124,41 @@ FO_HOST_DEVICE SmmfPartials smmf_partials(const SmmfTensor& t, float* scratch) {
   return p;
 }
 
-// Pass 2 for row i: its factors, the sums of its column tiles' partials added in tile order.
+// Where pass 2 writes a tensor's raw sums in float64 instead of its factors (FSDP2: the caller
+// reduces them over the ranks, then divides; fused_optim._reference.smmf.SmmfSums has the
+// layout): row_m / row_v from the tensor's row `row0`, all null in one process.
+struct SmmfRawSums {
+  double *row_m, *row_v, *col_m, *col_v, *total_m, *total_v;
+};
+
+// sums: the call's buffer of 2 (R + C + K) doubles (R rows, C columns, K matrices), or null.
+FO_HOST_DEVICE SmmfRawSums smmf_raw_sums(const SmmfTensor& t, double* sums, int64_t R, int64_t C,
+                                         int64_t K) {
+  SmmfRawSums o{};
+  if (sums == nullptr) return o;
+  o.row_m = sums + t.sum_row + t.row0;
+  o.row_v = o.row_m + R;
+  o.col_m = sums + 2 * R + t.sum_col;
+  o.col_v = o.col_m + C;
+  o.total_m = sums + 2 * R + 2 * C + t.sum_index;
+  o.total_v = o.total_m + K;
+  return o;
+}
+
+// Pass 2 for row i (of those the tensor touches): its factors, the sums of its column tiles'
+// partials added in tile order; or the raw sums, when they go out.
 template <bool kMomentum>
-FO_HOST_DEVICE void smmf_finalize_row(const SmmfTensor& t, const SmmfPartials& p, int64_t i) {
+FO_HOST_DEVICE void smmf_finalize_row(const SmmfTensor& t, const SmmfPartials& p,
+                                      const SmmfRawSums& out, int64_t i) {
   double m = 0.0, v = 0.0;
   for (int64_t k = 0; k < t.col_tiles; ++k) {
     m += p.row_m[i * t.col_tiles + k];
     v += p.row_v[i * t.col_tiles + k];
+  }
+  if (out.row_v != nullptr) {
+    if (kMomentum) out.row_m[i] = m;
+    out.row_v[i] = v;
+    return;
   }
   if (kMomentum) t.row_m[i] = static_cast<float>(m);
   t.row_v[i] = static_cast<float>(v);
