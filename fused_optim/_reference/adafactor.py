@@ -34,7 +34,8 @@ def _skip(found_inf) -> bool:
 class _Sums:
     """Sums that may span the shards of a DTensor param (FSDP2), taken phase by phase over all
     tensors so that each phase ends with at most one all-reduce per mesh (`reduce`), never one
-    per tensor. In one process (shard_key None) every sum is already whole.
+    per tensor: two per Adafactor step (the statistics, then the sums of U²). In one process
+    (shard_key None) every sum is already whole.
 
     Which sums span shards, for a param sharded on dim 0: its sums of θ² and U² always; for a
     matrix (ndim 2) also its column sums and the sum of its row statistics (rows are split
@@ -83,27 +84,30 @@ class _Sums:
         self.pending = []
 
 
-def _statistics(params, grads, factored, sums, *, add: float, keepdim: bool, **grad_kw):
-    """Phase 1 of both flavours over every tensor, then its all-reduce: sums of θ² and of
-    s = g² + add along rows and columns. Returns (live: the indices of non-empty params, their
-    math dtypes, grad(i): the prepared gradient, recomputed where needed as the kernels do
-    rather than kept for every tensor, the sums of θ², the row sums, the column sums)."""
+def _statistics(params, grads, factored, sums, new_row, *, add: float, keepdim: bool, **grad_kw):
+    """Phases 1 and 2's rows in both flavours over every tensor, then ONE all-reduce: sums of θ²
+    and of s = g² + add along columns, and the new row statistics (`new_row(i, md, row sums)`:
+    rows are whole on every rank) with their sum over each matrix. Returns (live: the indices of
+    non-empty params, their math dtypes, grad(i): the prepared gradient, recomputed where needed
+    as the kernels do rather than kept for every tensor, the sums of θ², the column sums, the new
+    row statistics, their sums)."""
     live = [i for i in range(len(params)) if sums.numel(i) > 0]
     md = {i: _math_dtype(params[i]) for i in live}
 
     def grad(i):
         return prepare_grad(grads[i], md[i], **grad_kw)
 
-    theta_sq, row_sum, col_sum = {}, {}, {}
+    theta_sq, col_sum, new_r, r_sum = {}, {}, {}, {}
     for i in live:
         theta = params[i].to(md[i])
         theta_sq[i] = sums.whole((theta * theta).sum())
         if i in factored:
             s = grad(i).square() + add
-            row_sum[i] = s.sum(dim=-1, keepdim=keepdim)
             col_sum[i] = sums.across_rows(i, s.sum(dim=-2, keepdim=keepdim))
+            new_r[i] = new_row(i, md[i], s.sum(dim=-1, keepdim=keepdim))
+            r_sum[i] = sums.across_rows(i, new_r[i].sum(dim=-2 if keepdim else -1, keepdim=True))
     sums.reduce()
-    return live, md, grad, theta_sq, row_sum, col_sum
+    return live, md, grad, theta_sq, col_sum, new_r, r_sum
 
 
 def adafactor(
@@ -140,23 +144,24 @@ def adafactor(
     lr = _scalar(lr)
     factored, full = _positions(params)
     sums = _Sums(params, shard_key, global_shapes)
-    # 1: sums of θ² and of g² along rows and columns
-    live, md, grad, theta_sq, row_sum, col_sum = _statistics(
-        params, grads, factored, sums, add=0.0, keepdim=True,
+    t = {i: _scalar(state_steps[i]) + 1.0 for i in range(len(params))}
+
+    # 1 and 2: sums of θ² and of g² along columns; the new row statistics and their sums (torch.lerp:
+    # its rounding, two formulas split at w = 0.5, is torch's, exact at w = 1)
+    def new_row(i, md, row_sum):
+        w = t[i] ** beta2_decay
+        return row_vars[factored[i]].to(md).lerp(row_sum / sums.shapes[i][-1], w)
+
+    live, md, grad, theta_sq, col_sum, new_r, r_sum = _statistics(
+        params, grads, factored, sums, new_row, add=0.0, keepdim=True,
         maximize=maximize, grad_scale=grad_scale, clip_coef=clip_coef,
     )  # fmt: skip
-
-    # 2: the new statistics (torch.lerp: its rounding, two formulas split at w = 0.5, is
-    # torch's, exact at w = 1), and the sum of each matrix's row statistics
-    t = {i: _scalar(state_steps[i]) + 1.0 for i in live}
-    new_r, new_c, r_sum = {}, {}, {}
+    # 2: the new column statistics, from the whole column sums
+    new_c = {}
     for i in live:
         if i in factored:
-            k, shape, w = factored[i], sums.shapes[i], t[i] ** beta2_decay
-            new_r[i] = row_vars[k].to(md[i]).lerp(row_sum[i] / shape[-1], w)
-            new_c[i] = col_vars[k].to(md[i]).lerp(col_sum[i] / shape[-2], w)
-            r_sum[i] = sums.across_rows(i, new_r[i].sum(dim=-2, keepdim=True))
-    sums.reduce()
+            w = t[i] ** beta2_decay
+            new_c[i] = col_vars[factored[i]].to(md[i]).lerp(col_sum[i] / sums.shapes[i][-2], w)
 
     # 3: the update direction U and the sums of U²
     def direction(i):
@@ -232,23 +237,26 @@ def adafactor_transformers(
     lr = None if relative_step else _scalar(lr)
     factored, full = _positions(params)
     sums = _Sums(params, shard_key, global_shapes)
-    # 1: sums of θ² and of s = g² + eps1 along rows and columns
-    live, md, grad, theta_sq, row_sum, col_sum = _statistics(
-        params, grads, factored, sums, add=eps1, keepdim=False,
+    t = {i: _scalar(state_steps[i]) + 1.0 for i in range(len(params))}
+    beta2t = {i: 1.0 - t[i] ** decay_rate for i in t}
+
+    # 1 and 2: sums of θ² and of s = g² + eps1 along columns; the new row statistics and their sums
+    def new_row(i, md, row_sum):
+        b = beta2t[i]
+        return b * exp_avg_sq_rows[factored[i]].to(md) + (1.0 - b) * (row_sum / sums.shapes[i][-1])
+
+    live, md, grad, theta_sq, col_sum, new_r, r_sum = _statistics(
+        params, grads, factored, sums, new_row, add=eps1, keepdim=False,
         maximize=False, grad_scale=grad_scale, clip_coef=clip_coef,
     )  # fmt: skip
-
-    # 2: the new statistics and the sum of each matrix's row statistics
-    t = {i: _scalar(state_steps[i]) + 1.0 for i in live}
-    beta2t = {i: 1.0 - t[i] ** decay_rate for i in live}
-    new_r, new_c, r_sum = {}, {}, {}
+    # 2: the new column statistics, from the whole column sums
+    new_c = {}
     for i in live:
         if i in factored:
-            k, shape, b = factored[i], sums.shapes[i], beta2t[i]
-            new_r[i] = b * exp_avg_sq_rows[k].to(md[i]) + (1.0 - b) * (row_sum[i] / shape[-1])
-            new_c[i] = b * exp_avg_sq_cols[k].to(md[i]) + (1.0 - b) * (col_sum[i] / shape[-2])
-            r_sum[i] = sums.across_rows(i, new_r[i].sum(dim=-1, keepdim=True))
-    sums.reduce()
+            b = beta2t[i]
+            new_c[i] = b * exp_avg_sq_cols[factored[i]].to(md[i]) + (1.0 - b) * (
+                col_sum[i] / sums.shapes[i][-2]
+            )
 
     # 3: the update direction U and the sums of U²
     def direction(i):

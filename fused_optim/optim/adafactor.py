@@ -137,8 +137,8 @@ class AdafactorFamily(FusedOptimizer):
         params, lists = bucket.params, self._lists(bucket.states)
         if bucket.shard_key is not None:
             # Shards of FSDP2 params: the reference's phase-by-phase step, whose sums that span
-            # shards are all-reduced once per phase (not yet the fused kernels: their phases
-            # would need the same split).
+            # shards are all-reduced twice per step (not yet the fused kernels: their phases
+            # would need the same split). SMMF overrides this with its fused kernels.
             fn = functools.partial(getattr(_reference, self.KERNEL), **self._shard_args(bucket))
 
         def run(grads, **kw):
