@@ -87,9 +87,8 @@ def worker(rank, world, port, shapes, repeats, out):
         rows = [
             (name, statistics.median(t) * 1e3, base / statistics.median(t)) for name, (_, t) in runs.items()
         ]
-        print(
-            f"{world} ranks, {sum(torch.Size(s).numel() for s in shapes) / 1e6:.1f}M params, {repeats} repeats"
-        )
+        millions = sum(torch.Size(s).numel() for s in shapes) / 1e6
+        print(f"{world} ranks, {millions:.1f}M params, {repeats} repeats")
         print(f"{'candidate':46s} {'ms':>9s} {'x ' + BASELINE:>22s}")
         for name, ms, ratio in rows:
             print(f"{name:46s} {ms:9.1f} {ratio:22.2f}")
