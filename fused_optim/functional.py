@@ -282,8 +282,9 @@ def smmf(
         decoupled (bool): ``weight_decay_mode='adamw'`` (True) or ``'adam'`` (False).
         global_numels, starts, sums (optional, together): the params are shards, each the
             run of elements ``[starts[i], starts[i] + numel)`` of a param of
-            ``global_numels[i]`` elements (-1 for a param on the dense path); the step adds the
-            raw row and column sums to ``sums`` instead of writing the factors, and signs[k]
+            ``global_numels[i]`` elements (-1 for a param on the dense path); ``sums`` (float64,
+            zeros on entry) receives the raw row and column sums of what each shard holds
+            instead of the factors being written (rows a shard does not touch stay 0), and signs[k]
             holds the words of the matrix rows the run touches (``fused_optim._reference.smmf``:
             ``smmf``, ``Window``, ``SmmfSums``, whose ``finish`` writes the factors once the
             sums are reduced over the ranks).
@@ -292,6 +293,8 @@ def smmf(
     """
     if not params:
         return
+    if not (global_numels is None) == (starts is None) == (sums is None):
+        raise ValueError("fused_optim: global_numels, starts and sums go together")
     impl = _backend(backend, params)
     if not hasattr(impl, "smmf"):
         if backend != "auto" and has_values(params[0]):

@@ -566,3 +566,10 @@ def test_two_launches_whatever_the_tensor_count(backend, launch_grids):
             moved = [not torch.equal(p, b) for p, b in zip(ours.params, before, strict=True) if p.numel()]
             assert all(moved)
         assert all(s.item() == 2.0 for s in ours.steps)
+
+
+def test_shard_arguments_go_together():
+    p = [torch.zeros(4)]
+    with pytest.raises(ValueError, match="go together"):
+        functional.smmf(p, [torch.zeros(4)], [], [], [], [torch.zeros(2)], [torch.zeros(2)], [], [],
+                        [torch.zeros(())], beta=None, global_numels=[8], starts=[4])  # fmt: skip

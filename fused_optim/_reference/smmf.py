@@ -107,8 +107,9 @@ class SmmfSums:
     """The raw row and column sums of |M| and V of a step's factorized params (n_k x m_k, k in
     order), flat in float64: [row sums of |M| (R) | of V (R) | column sums of |M| (C) | of V (C) |
     totals of |M| (K) | of V (K)], R = sum n_k, C = sum m_k; param k's rows from sum_{k'<k} n_k'.
-    Every backend adds the sums of the elements it steps (a rank's shard, rows it does not touch
-    left 0), so under FSDP2 one all-reduce of this buffer makes them the whole matrices' sums;
+    Every backend writes the sums of the elements it steps into a zeroed buffer (a rank's shard:
+    rows it does not touch stay 0), so under FSDP2 one all-reduce of this buffer makes them the
+    whole matrices' sums;
     `finish` then writes the new factors in a fixed number of ops, whatever the number of params."""
 
     def __init__(self, shapes, device):
@@ -206,10 +207,10 @@ def smmf(
     global_numels / starts / sums (FSDP2; all three or none): params[i] is the run of elements
     [starts[i], starts[i] + numel) of a flattened param of global_numels[i] elements (-1: one
     taking the dense path, decided on its global shape), whose square-matricized view is what is
-    factored. Each signs[k] then holds the rows the run touches
-    (`Window`), and the step adds its raw row and column sums to `sums` (zeros, laid out as
-    `SmmfSums`) instead of writing the factors: the caller reduces them over the ranks and calls
-    SmmfSums.finish. In one process the step finishes them itself."""
+    factored. Each signs[k] then holds the rows the run touches (`Window`), and the step writes
+    its raw row and column sums into `sums` (zeros on entry, laid out as `SmmfSums`) instead of
+    the factors: the caller reduces them over the ranks and calls SmmfSums.finish. In one
+    process the step finishes them itself."""
     if _skip(found_inf):
         return
     lr = _scalar(lr)
