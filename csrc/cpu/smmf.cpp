@@ -283,20 +283,8 @@ struct Passes {
           v[j - j0] += p.col_v[k * t.cols + j];
         }
       }
-      if (out.col_v != nullptr) {  // raw sums: the caller divides once they are whole
-        for (int64_t j = j0; j < j1; ++j) {
-          if (kMomentum) out.col_m[j] = m[j - j0];
-          out.col_v[j] = v[j - j0];
-        }
-        if (j0 == 0) {
-          if (kMomentum) *out.total_m = total_m;
-          *out.total_v = total_v;
-        }
-        continue;
-      }
       for (int64_t j = j0; j < j1; ++j) {
-        if (kMomentum) t.col_m[j] = smmf_col_factor(m[j - j0], total_m);
-        t.col_v[j] = smmf_col_factor(v[j - j0], total_v);
+        smmf_finalize_col<kMomentum>(t, out, j, m[j - j0], v[j - j0], total_m, total_v);
       }
     }
   }

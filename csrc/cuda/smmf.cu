@@ -224,23 +224,13 @@ __global__ void __launch_bounds__(kThreads) finalize_kernel(SmmfArgs a) {
   __syncthreads();
   const int64_t j0 = (part - t.row_parts) * kSmmfFinalizeChunk;
   const int64_t j1 = min(t.cols, j0 + kSmmfFinalizeChunk);
-  if (out.col_v != nullptr && j0 == 0 && threadIdx.x == 0) {  // raw sums: the caller divides
-    if (kMomentum) *out.total_m = totals[0];
-    *out.total_v = totals[1];
-  }
   for (int64_t j = j0 + threadIdx.x; j < j1; j += kThreads) {
     double m = 0.0, v = 0.0;
     for (int64_t k = 0; k < t.row_tiles; ++k) {
       m += p.col_m[k * t.cols + j];
       v += p.col_v[k * t.cols + j];
     }
-    if (out.col_v != nullptr) {
-      if (kMomentum) out.col_m[j] = m;
-      out.col_v[j] = v;
-      continue;
-    }
-    if (kMomentum) t.col_m[j] = smmf_col_factor(m, totals[0]);
-    t.col_v[j] = smmf_col_factor(v, totals[1]);
+    smmf_finalize_col<kMomentum>(t, out, j, m, v, totals[0], totals[1]);
   }
 }
 

@@ -7,6 +7,7 @@
 #include <stdint.h>
 
 #include "fused_optim/macros.h"
+#include "fused_optim/math/smmf.h"  // smmf_col_factor
 
 namespace fused_optim {
 
@@ -162,6 +163,24 @@ FO_HOST_DEVICE void smmf_finalize_row(const SmmfTensor& t, const SmmfPartials& p
   }
   if (kMomentum) t.row_m[i] = static_cast<float>(m);
   t.row_v[i] = static_cast<float>(v);
+}
+
+// Pass 2 for column j: its factors from its sums m, v (of |M|, of V) and the matrix's totals; or
+// the raw sums, when they go out (the totals too, written once, with column 0).
+template <bool kMomentum>
+FO_HOST_DEVICE void smmf_finalize_col(const SmmfTensor& t, const SmmfRawSums& out, int64_t j,
+                                      double m, double v, double total_m, double total_v) {
+  if (out.col_v != nullptr) {
+    if (kMomentum) out.col_m[j] = m;
+    out.col_v[j] = v;
+    if (j == 0) {
+      if (kMomentum) *out.total_m = total_m;
+      *out.total_v = total_v;
+    }
+    return;
+  }
+  if (kMomentum) t.col_m[j] = smmf_col_factor(m, total_m);
+  t.col_v[j] = smmf_col_factor(v, total_v);
 }
 
 // Addresses of one tensor of a norm or scale call.
