@@ -62,6 +62,14 @@ def _native_adam_group(params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_ste
     return step
 
 
+_SHARD_KEYS = ("phase", "global_numels", "stats_at", "sums", "carry")
+
+
+def _shard_kw(kw) -> dict:
+    """The arguments of one call of a sharded Adafactor step (optim/adafactor.py: ShardSums)."""
+    return {k: kw[k] for k in _SHARD_KEYS if k in kw}
+
+
 def _native_adafactor(params, grads, row_vars, col_vars, variances, state_steps, *, lr, **kw):
     """torch.optim.Adafactor's flavour through the one Adafactor op."""
     lr, lr_tensor = _split_lr(lr, params[0].device)
@@ -70,7 +78,7 @@ def _native_adafactor(params, grads, row_vars, col_vars, variances, state_steps,
         lr=lr, lr_tensor=lr_tensor, eps1=kw["eps1"], eps2=kw["eps2"], decay=kw["beta2_decay"], d=kw["d"],
         weight_decay=kw["weight_decay"], beta1=None, maximize=kw["maximize"], relative_step=False,
         scale_parameter=True, warmup_init=False, grad_scale=kw.get("grad_scale"),
-        found_inf=kw.get("found_inf"), clip_coef=kw.get("clip_coef"),
+        found_inf=kw.get("found_inf"), clip_coef=kw.get("clip_coef"), **_shard_kw(kw),
     )  # fmt: skip
 
 
@@ -87,7 +95,7 @@ def _native_adafactor_transformers(params, grads, rows, cols, sqs, exp_avgs, rms
         decay=kw["decay_rate"], d=kw["clip_threshold"], weight_decay=kw["weight_decay"], beta1=beta1,
         maximize=False, relative_step=kw["relative_step"], scale_parameter=kw["scale_parameter"],
         warmup_init=kw["warmup_init"], grad_scale=kw.get("grad_scale"), found_inf=kw.get("found_inf"),
-        clip_coef=kw.get("clip_coef"),
+        clip_coef=kw.get("clip_coef"), **_shard_kw(kw),
     )  # fmt: skip
 
 

@@ -20,6 +20,7 @@ import torch
 
 from fused_optim import _backends, functional
 from fused_optim import _reference as reference
+from fused_optim.optim.adafactor import ShardSums
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -774,3 +775,131 @@ def test_missing_lr_is_a_type_error():
     with pytest.raises(TypeError, match="needs an lr"):
         functional.adafactor_transformers(p, g, rows, cols, [], [], [], steps, lr=None, relative_step=False)
     assert steps[0].item() == 0
+
+
+# ---- FSDP2 shards: the step in three calls (optim/adafactor.py: ShardSums) -----------------------
+
+# Matrices split by rows (taller and wider than a tile), batches of matrices split by matrix, full
+# tensors split by elements, a matrix of 2 rows for 4 ranks (two ranks hold none of its rows).
+SHARD_SHAPES = [(67, 45), (9, 300), (70, 9), (2, 3), (1000,), (37,), (5, 3, 7), (4, 3, 3, 3), (0, 4)]
+RANKS = 4
+
+
+def _cuts(size: int) -> list[int]:
+    """Uneven dim-0 boundaries of RANKS shards, one of them empty."""
+    inner = sorted({size // 3, size // 3, (3 * size) // 4})
+    return [0, *inner, *([size] * (RANKS + 1 - 1 - len(inner)))]
+
+
+class _Rank:
+    """What one rank holds of a State: views of its dim-0 rows of the params and of the states
+    that follow them, its own copies of the replicated ones (a matrix's column statistics, RMS)
+    and of the steps."""
+
+    def __init__(self, whole: State, r: int):
+        self.cuts = [_cuts(p.shape[0]) if p.dim() else [0] * (RANKS + 1) for p in whole.params]
+        lo_hi = [(c[r], c[r + 1]) for c in self.cuts]
+        factored = [i for i, p in enumerate(whole.params) if p.dim() >= 2]
+        full = [i for i, p in enumerate(whole.params) if p.dim() < 2]
+        self.params = [p[lo:hi] for p, (lo, hi) in zip(whole.params, lo_hi, strict=True)]
+
+        def mine(tensors, owners, replicated=lambda i: False):
+            pairs = zip(tensors, owners, strict=True)
+            return [t.clone() if replicated(i) else t[slice(*lo_hi[i])] for t, i in pairs]
+
+        rows, cols, fulls = whole.states[:3]
+        self.states = [
+            mine(rows, factored),
+            mine(cols, factored, replicated=lambda i: whole.params[i].dim() == 2),
+            mine(fulls, full),
+        ]
+        if whole.flavour == "hf":
+            exp_avgs, rmss = whole.states[3:]
+            self.states += [mine(exp_avgs, range(len(exp_avgs))), [t.clone() for t in rmss]]
+        self.steps = [s.clone() for s in whole.steps]
+        row_len = [p.shape[1:].numel() for p in whole.params]
+        self.matrices = [whole.params[i] for i in factored]
+        offsets = [lo * n for (lo, _), n in zip(lo_hi, row_len, strict=True)]
+        self.layout = ShardSums(self.params, [p.shape for p in whole.params], offsets)
+
+    def replicated(self) -> list:
+        """The states every rank holds whole, and the steps."""
+        cols = [c for c, p in zip(self.states[1], self.matrices, strict=True) if p.dim() == 2]
+        return cols + self.steps + (self.states[4] if len(self.states) > 3 else [])
+
+
+def _sharded_step(whole: State, grads, backend: str, **kw) -> list[_Rank]:
+    """One step of `whole` as RANKS ranks take it: phase by phase, the sums that span ranks
+    added between phases as the all-reduces would."""
+    ranks = [_Rank(whole, r) for r in range(RANKS)]
+    fn = getattr(_backends.get(backend, whole.params[0].device), KERNELS[whole.flavour])
+    n = len(whole.params)
+    sums = [torch.zeros(r.layout.size, dtype=torch.float64) for r in ranks]
+    carries = [torch.full((r.layout.carry_size,), float("nan")) for r in ranks]
+    for phase, part in ((1, slice(0, -n)), (2, slice(-n, None)), (3, None)):
+        for r, rank in enumerate(ranks):
+            mine = [g[c[r] : c[r + 1]] if g.dim() else g for g, c in zip(grads, rank.cuts, strict=True)]
+            args = dict(global_numels=rank.layout.global_numels, stats_at=rank.layout.stats_at, **kw)
+            args.update(phase=phase, sums=sums[r], carry=carries[r])
+            fn(rank.params, mine, *rank.states, rank.steps, **args)
+        if part is not None:
+            total = sum(s[part] for s in sums)
+            for s in sums:
+                s[part] = total
+    return ranks
+
+
+KERNELS = {"torch": "adafactor", "hf": "adafactor_transformers"}
+SHARD_CONFIGS = {
+    "torch": dict(maximize=True, weight_decay=0.1),
+    "torch_clip": dict(d=0.5, eps1=1e-4, lr="f32"),
+    "hf": dict(beta1=0.9, weight_decay=0.1),
+    "hf_lr": dict(relative_step=False, lr=0.05, clip_threshold=0.5, scale_parameter=False),
+}
+
+
+@pytest.mark.parametrize("config", list(SHARD_CONFIGS))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_shards_step_as_one_process(backend, config):
+    """FSDP2: ranks holding dim-0 shards of each param (uneven, some empty) take the step of one
+    process once their sums are added between the three calls; the replicated states (column
+    statistics of a matrix, RMS) come out the same on every rank."""
+    flavour = config.split("_")[0]
+    device = _device(backend)
+    kw = _kwargs(flavour, SHARD_CONFIGS[config], device, torch.float32)
+    if flavour == "hf" and kw["lr"] is None:
+        kw["lr"] = 0.0
+    whole = State(flavour, _params(SHARD_SHAPES, torch.float32, device), beta1=kw.get("beta1") is not None)
+    for k in range(STEPS + 1):
+        grads = _grads(SHARD_SHAPES, torch.float32, device, k)
+        one = whole.copy()
+        one.step(grads, backend, **kw)
+        ranks = _sharded_step(whole, grads, backend, **kw)
+        # whole now holds every rank's rows; the replicated states and steps are the ranks' own
+        for r in ranks:
+            for got, want in zip(r.replicated(), ranks[0].replicated(), strict=True):
+                assert torch.equal(got, want)
+        matrices = [p for p in whole.params if p.dim() >= 2]
+        cols = zip(whole.states[1], ranks[0].states[1], matrices, strict=True)
+        whole.states[1] = [c if p.dim() >= 3 else mine for c, mine, p in cols]
+        whole.steps = ranks[0].steps
+        if flavour == "hf":
+            whole.states[4] = ranks[0].states[4]
+        _compare(whole, one, f"after step {k + 1}", rtol=1e-6)
+
+
+@pytest.mark.parametrize("flavour", ["torch", "hf"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_shards_skip_the_step_on_found_inf(backend, flavour):
+    device = _device(backend)
+    kw = _kwargs(flavour, dict(beta1=0.9) if flavour == "hf" else {}, device, torch.float32)
+    whole = State(flavour, _params(SHARD_SHAPES, torch.float32, device), beta1=True, step0=2.0)
+    before = whole.copy()
+    grads = _grads(SHARD_SHAPES, torch.float32, device, 0)
+    ranks = _sharded_step(whole, grads, backend, found_inf=torch.ones((), device=device), **kw)
+    for name, tensors in whole.tensors().items():
+        for got, want in zip(tensors, before.tensors()[name], strict=True):
+            assert torch.equal(got, want), name
+    for r, rank in enumerate(ranks):
+        for got, want in zip(rank.replicated(), _Rank(before, r).replicated(), strict=True):
+            assert torch.equal(got, want)

@@ -251,7 +251,9 @@ struct Phases {
       double theta_sq = 0.0;
       if (t.factored) {
         col_acc.assign(static_cast<size_t>(x.n_cols), 0.0f);
-        const bool closed = t.col_tiles == 1;  // whole rows: r_i is known at each row's end
+        // whole rows: r_i is known at each row's end (in one process: a shard's sum of u^2 is
+        // taken from the whole matrix's factors, in phase 3)
+        const bool closed = t.col_tiles == 1 && a.q_partials != nullptr;
         if (closed) q_acc.assign(static_cast<size_t>(x.n_cols), 0.0f);
         const AdafactorStatWeights sw = adafactor_stat_weights(*t.step + 1.0, h.decay);
         const S* old_rows = static_cast<const S*>(t.row) + x.b * t.rows;
@@ -291,46 +293,113 @@ struct Phases {
     }
   }
 
+  // Phase 2 on the rows of matrix b: the new row statistics from their partials, written, and
+  // kept in the row factors' slots until the mean is known. Returns their sum.
+  double new_rows(const AdafactorTensor& t, int64_t b, AdafactorStatWeights sw) {
+    S* row = static_cast<S*>(t.row) + b * t.rows;
+    float* rf = a.factors + t.factors + b * t.rows;
+    double sum_r = 0.0;
+    for (int64_t i = 0; i < t.rows; ++i) {
+      const float* p = a.row_partials + t.row_partials + (b * t.rows + i) * t.col_tiles;
+      double s = 0.0;
+      for (int64_t k = 0; k < t.col_tiles; ++k) s += p[k];
+      const float mean = static_cast<float>(s / static_cast<double>(t.cols));
+      const float r = adafactor_stat_update(static_cast<float>(row[i]), mean, sw, h.transformers);
+      row[i] = static_cast<S>(r);
+      rf[i] = r;
+      sum_r += r;
+    }
+    return sum_r;
+  }
+
+  void row_factors(const AdafactorTensor& t, int64_t b, float mean_r) {
+    float* rf = a.factors + t.factors + b * t.rows;
+    const float eps1 = static_cast<float>(h.eps1);
+    for (int64_t i = 0; i < t.rows; ++i) {
+      rf[i] = adafactor_row_factor(rf[i], mean_r, eps1, h.transformers);
+    }
+  }
+
+  // Column sums of s of matrix b: the row tiles' partials added in tile order, a row of partials
+  // at a time.
+  void col_sums(const AdafactorTensor& t, int64_t b, double* out) const {
+    std::fill(out, out + t.cols, 0.0);
+    const float* p = a.col_partials + t.col_partials + b * t.row_tiles * t.cols;
+    for (int64_t k = 0; k < t.row_tiles; ++k) {
+      for (int64_t j = 0; j < t.cols; ++j) out[j] += p[k * t.cols + j];
+    }
+  }
+
+  // The new column statistics of matrix b from its column sums over `rows` rows, written, and
+  // their factors.
+  void new_cols(const AdafactorTensor& t, int64_t b, AdafactorStatWeights sw, const double* sums,
+                int64_t rows) {
+    S* col = static_cast<S*>(t.col) + b * t.cols;
+    float* cf = a.factors + t.factors + t.batch * t.rows + b * t.cols;
+    for (int64_t j = 0; j < t.cols; ++j) {
+      const float mean = static_cast<float>(sums[j] / static_cast<double>(rows));
+      const float c = adafactor_stat_update(static_cast<float>(col[j]), mean, sw, h.transformers);
+      col[j] = static_cast<S>(c);
+      cf[j] = adafactor_col_factor(c);
+    }
+  }
+
   // Phase 2: per matrix, the row and column statistics from their partials, then the factors.
-  void factors(int64_t begin, int64_t end, std::vector<double>& col_sums) {
+  void factors(int64_t begin, int64_t end, std::vector<double>& sums) {
     for (int64_t w = begin; w < end; ++w) {
       const WorkItem item = a.matrices[w];
       const AdafactorTensor& t = a.tensors[item.tensor];
       const int64_t b = item.chunk;
       const AdafactorStatWeights sw = adafactor_stat_weights(*t.step + 1.0, h.decay);
-      S* row = static_cast<S*>(t.row) + b * t.rows;
-      S* col = static_cast<S*>(t.col) + b * t.cols;
-      float* rf = a.factors + t.factors + b * t.rows;
-      float* cf = a.factors + t.factors + t.batch * t.rows + b * t.cols;
-      double sum_r = 0.0;
-      for (int64_t i = 0; i < t.rows; ++i) {
-        const float* p = a.row_partials + t.row_partials + (b * t.rows + i) * t.col_tiles;
-        double s = 0.0;
-        for (int64_t k = 0; k < t.col_tiles; ++k) s += p[k];
-        const float mean = static_cast<float>(s / static_cast<double>(t.cols));
-        const float r = adafactor_stat_update(static_cast<float>(row[i]), mean, sw, h.transformers);
-        row[i] = static_cast<S>(r);
-        rf[i] = r;  // the factor replaces it below, once the mean is known
-        sum_r += r;
-      }
-      const float mean_r = static_cast<float>(sum_r / static_cast<double>(t.rows));
-      const float eps1 = static_cast<float>(h.eps1);
-      for (int64_t i = 0; i < t.rows; ++i) {
-        rf[i] = adafactor_row_factor(rf[i], mean_r, eps1, h.transformers);
-      }
-      // Column sums: the row tiles' partials added in tile order, a row of partials at a time.
-      col_sums.assign(static_cast<size_t>(t.cols), 0.0);
-      const float* p = a.col_partials + t.col_partials + b * t.row_tiles * t.cols;
-      for (int64_t k = 0; k < t.row_tiles; ++k) {
-        for (int64_t j = 0; j < t.cols; ++j) col_sums[j] += p[k * t.cols + j];
-      }
-      for (int64_t j = 0; j < t.cols; ++j) {
-        const float mean = static_cast<float>(col_sums[j] / static_cast<double>(t.rows));
-        const float c = adafactor_stat_update(static_cast<float>(col[j]), mean, sw, h.transformers);
-        col[j] = static_cast<S>(c);
-        cf[j] = adafactor_col_factor(c);
-      }
-      a.matrix_u_sq[w] = t.col_tiles == 1 ? closed_u_sq(t, b, rf, cf, mean_r, col_sums) : -1.0;
+      const float mean_r = static_cast<float>(new_rows(t, b, sw) / static_cast<double>(t.rows));
+      row_factors(t, b, mean_r);
+      sums.resize(static_cast<size_t>(t.cols));
+      col_sums(t, b, sums.data());
+      new_cols(t, b, sw, sums.data(), t.rows);
+      const float* rf = a.factors + t.factors + b * t.rows;
+      const float* cf = a.factors + t.factors + t.batch * t.rows + b * t.cols;
+      a.matrix_u_sq[w] = t.col_tiles == 1 ? closed_u_sq(t, b, rf, cf, mean_r, sums) : -1.0;
+    }
+  }
+
+  // Sharded phase 1's part of phase 2: per matrix, the new row statistics and [their sum, the
+  // column sums] to the sums, which span ranks.
+  void shard_stats(int64_t begin, int64_t end) {
+    for (int64_t w = begin; w < end; ++w) {
+      const WorkItem item = a.matrices[w];
+      const AdafactorTensor& t = a.tensors[item.tensor];
+      const int64_t b = item.chunk;
+      double* out = a.sums + t.stats_at + b * (t.cols + 1);
+      out[0] = new_rows(t, b, adafactor_stat_weights(*t.step + 1.0, h.decay));
+      col_sums(t, b, out + 1);
+    }
+  }
+
+  // Sharded phase 2: per matrix, the factors from the whole sums.
+  void shard_factors(int64_t begin, int64_t end) {
+    for (int64_t w = begin; w < end; ++w) {
+      const WorkItem item = a.matrices[w];
+      const AdafactorTensor& t = a.tensors[item.tensor];
+      const int64_t b = item.chunk;
+      const double* in = a.sums + t.stats_at + b * (t.cols + 1);
+      row_factors(t, b, static_cast<float>(in[0] / static_cast<double>(t.global_rows)));
+      new_cols(t, b, adafactor_stat_weights(*t.step + 1.0, h.decay), in + 1, t.global_rows);
+    }
+  }
+
+  int64_t tile_count(int32_t i) const {
+    const int64_t next = i + 1 < a.n_tensors ? a.tensors[i + 1].first_tile : a.n_tiles;
+    return next - a.tensors[i].first_tile;
+  }
+
+  // Sharded phases 1 and 2: per tensor, the sum of its tiles' partials of theta^2 (slot 0) or
+  // of u^2 (slot 1) to the sums.
+  void tensor_sums(int32_t begin, int32_t end, int slot) {
+    for (int32_t i = begin; i < end; ++i) {
+      const int64_t first = a.tensors[i].first_tile;
+      double acc = 0.0;
+      for (int64_t k = 0; k < tile_count(i); ++k) acc += a.tile_partials[2 * (first + k) + slot];
+      a.sums[(slot == 0 ? 0 : a.u_sq_at) + i] = acc;
     }
   }
 
@@ -373,7 +442,7 @@ struct Phases {
       const AdafactorTile x = adafactor_tile(t, item.chunk);
       const P* grad = static_cast<const P*>(t.grad);
       double acc = 0.0;
-      if (t.factored && a.matrix_u_sq[t.first_matrix + x.b] >= 0.0) {
+      if (t.factored && a.matrix_u_sq != nullptr && a.matrix_u_sq[t.first_matrix + x.b] >= 0.0) {
         // phase 2 has the matrix's sum (phase 4 adds it)
       } else if (t.factored) {
         const float* rf = a.factors + t.factors + x.b * t.rows;
@@ -395,20 +464,24 @@ struct Phases {
   void scalars(int32_t begin, int32_t end, double lr) {
     for (int32_t i = begin; i < end; ++i) {
       const AdafactorTensor& t = a.tensors[i];
-      const int64_t n_tiles = i + 1 < a.n_tensors ? a.tensors[i + 1].first_tile - t.first_tile
-                                                  : a.n_tiles - t.first_tile;
       double theta_sq = 0.0, u_sq = 0.0;
-      for (int64_t k = 0; k < n_tiles; ++k) {
-        theta_sq += a.tile_partials[2 * (t.first_tile + k)];
-        u_sq += a.tile_partials[2 * (t.first_tile + k) + 1];
-      }
-      for (int64_t b = 0; t.factored && b < t.batch; ++b) {
-        u_sq += std::max(a.matrix_u_sq[t.first_matrix + b], 0.0);
+      if (a.phase == 3) {  // a shard: the whole param's sums
+        theta_sq = a.sums[i];
+        u_sq = a.sums[a.u_sq_at + i];
+      } else {
+        for (int64_t k = 0; k < tile_count(i); ++k) {
+          theta_sq += a.tile_partials[2 * (t.first_tile + k)];
+          u_sq += a.tile_partials[2 * (t.first_tile + k) + 1];
+        }
+        for (int64_t b = 0; t.factored && b < t.batch; ++b) {
+          u_sq += std::max(a.matrix_u_sq[t.first_matrix + b], 0.0);
+        }
       }
       const float step = *t.step;
       float rms = 0.0f;
-      if (t.numel > 0) {
-        a.apply[i] = adafactor_apply_scalars(h, theta_sq, u_sq, t.numel, step + 1.0, lr, &rms);
+      if (t.global_numel > 0) {
+        a.apply[i] =
+            adafactor_apply_scalars(h, theta_sq, u_sq, t.global_numel, step + 1.0, lr, &rms);
       }
       if (t.rms != nullptr) *t.rms = rms;
       *t.step = step + 1.0f;
@@ -475,12 +548,45 @@ struct Phases {
     return out;
   }
 
+  // One of the three calls of a sharded step (kernel_args.h: AdafactorArgs::phase), wave by
+  // wave as run() (the sums of a wave's tensors are written by thread 0).
+  void run_shard_phase(const std::vector<Wave>& all, double lr,
+                       void (Phases::*apply_fn)(int64_t, int64_t)) {
+    in_parallel_region([&](int tid, int n) {
+      std::vector<float> col_acc, q_acc;
+      for (const Wave& wv : all) {
+        auto [t0, t1] = share(wv.tile0, wv.tile1, tid, n);
+        auto [m0, m1] = share(wv.matrix0, wv.matrix1, tid, n);
+        if (a.phase == 1) {
+          stats(t0, t1, col_acc, q_acc);
+          barrier();
+          shard_stats(m0, m1);
+          if (tid == 0) tensor_sums(wv.tensor0, wv.tensor1, 0);
+        } else if (a.phase == 2) {
+          shard_factors(m0, m1);
+          barrier();
+          unorm(t0, t1);
+          barrier();
+          if (tid == 0) tensor_sums(wv.tensor0, wv.tensor1, 1);
+        } else {
+          if (tid == 0) scalars(wv.tensor0, wv.tensor1, lr);
+          barrier();
+          (this->*apply_fn)(t0, t1);
+        }
+      }
+    });
+  }
+
   void run() {
     const double lr = read_lr(a);
     void (Phases::*apply_fn)(int64_t, int64_t) = !h.transformers ? &Phases::apply<false, false>
                                                  : h.has_beta1   ? &Phases::apply<true, true>
                                                                  : &Phases::apply<true, false>;
     const std::vector<Wave> all = waves();
+    if (a.phase != 0) {
+      run_shard_phase(all, lr, apply_fn);
+      return;
+    }
     in_parallel_region([&](int tid, int n) {
       std::vector<float> col_acc, q_acc;
       std::vector<double> col_sums;

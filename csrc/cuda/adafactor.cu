@@ -258,6 +258,9 @@ void adafactor_cuda(const AdafactorArgs& args, cudaStream_t stream) {
       args.apply == nullptr) {
     throw std::invalid_argument("fused_optim: adafactor_cuda: missing plan or scratch buffers");
   }
+  if (args.phase != 0) {
+    throw std::invalid_argument("fused_optim: adafactor_cuda: sharded phases are not built yet");
+  }
   cuda::dispatch_dtype(args.param_dtype, [&](auto param_tag) {
     cuda::dispatch_dtype(args.state_dtype, [&](auto state_tag) {
       launch_all<typename decltype(param_tag)::type, typename decltype(state_tag)::type>(args,

@@ -47,9 +47,21 @@ void adafactor_(at::TensorList params, at::TensorList grads, at::TensorList rows
                 bool maximize, bool relative_step, bool scale_parameter, bool warmup_init,
                 const std::optional<at::Tensor>& grad_scale,
                 const std::optional<at::Tensor>& found_inf,
-                const std::optional<at::Tensor>& clip_coef) {
+                const std::optional<at::Tensor>& clip_coef, int64_t phase,
+                at::OptionalIntArrayRef global_numels, at::OptionalIntArrayRef stats_at,
+                const std::optional<at::Tensor>& sums, const std::optional<at::Tensor>& carry) {
   const size_t n = params.size();
   if (n == 0) return;
+  // FSDP2 shards (kernel_args.h: AdafactorArgs::phase): params[i] is a shard of whole rows (ndim
+  // 2) or whole matrices of a param of global_numels[i] elements.
+  const bool sharded = phase != 0;
+  TORCH_CHECK(phase >= 0 && phase <= 3, "fused_optim: phase must be 0, 1, 2 or 3, got ", phase);
+  TORCH_CHECK(sharded == global_numels.has_value() && sharded == stats_at.has_value() &&
+                  sharded == sums.has_value() && sharded == carry.has_value(),
+              "fused_optim: a sharded phase (1, 2 or 3) takes global_numels, stats_at, sums and "
+              "carry, and phase 0 none of them");
+  TORCH_CHECK(!sharded || (global_numels->size() == n && stats_at->size() == n),
+              "fused_optim: global_numels and stats_at need one entry per param");
   TORCH_CHECK(grads.size() == n && steps.size() == n,
               "fused_optim: params, grads and state_steps must have the same length, got ", n, ", ",
               grads.size(), ", ", steps.size());
@@ -125,6 +137,8 @@ void adafactor_(at::TensorList params, at::TensorList grads, at::TensorList rows
 
     AdafactorTensor& r = records[i];
     r.numel = p.numel();
+    r.global_numel = sharded ? (*global_numels)[i] : r.numel;
+    r.stats_at = -1;
     r.first_tile = static_cast<int64_t>(tiles.size());
     r.step = steps[i].data_ptr<float>();
     if (!rmss.empty()) {
@@ -138,13 +152,18 @@ void adafactor_(at::TensorList params, at::TensorList grads, at::TensorList rows
     const at::Tensor* col = factored ? &cols[next_factored] : nullptr;
     const at::Tensor* full = factored ? nullptr : &fulls[next_full];
     (factored ? next_factored : next_full) += 1;
-    if (r.numel == 0) {  // nothing to update: one empty tile, so phase 4 still counts the step
+    // Nothing to update: one empty tile, so phase 4 still counts the step. A shard without
+    // elements of a non-empty matrix (ndim 2) still updates the column statistics.
+    const bool rowless = factored && p.dim() == 2 && r.numel == 0 && r.global_numel > 0;
+    if (r.numel == 0 && !rowless) {
       r.batch = r.rows = r.cols = 1;
       tiles.push_back({static_cast<int32_t>(i), 0});
       continue;
     }
-    r.param = layouts.use(p, ref, true).data_ptr();
-    r.grad = layouts.use(grads[i], ref, false).data_ptr();
+    if (!rowless) {
+      r.param = layouts.use(p, ref, true).data_ptr();
+      r.grad = layouts.use(grads[i], ref, false).data_ptr();
+    }
     if (momentum) {
       state(exp_avgs[i], "exp_avgs", r.numel);
       r.exp_avg = layouts.use(exp_avgs[i], ref, true).data_ptr();
@@ -154,12 +173,17 @@ void adafactor_(at::TensorList params, at::TensorList grads, at::TensorList rows
       r.factored = 1;
       r.rows = p.size(-2);
       r.cols = p.size(-1);
-      r.batch = r.numel / (r.rows * r.cols);
+      r.batch = rowless ? 1 : r.numel / (r.rows * r.cols);
+      r.global_rows = p.dim() == 2 ? r.global_numel / r.cols : r.rows;
+      if (sharded) {
+        r.stats_at = (*stats_at)[i];
+        TORCH_CHECK(r.stats_at >= 0, "fused_optim: stats_at[", i, "] is negative");
+      }
       state(*row, "row_vars", r.batch * r.rows);
       state(*col, "col_vars", r.batch * r.cols);
       r.row = layouts.contiguous(*row, true).data_ptr();
       r.col = layouts.contiguous(*col, true).data_ptr();
-      const TileShape shape = adafactor_tile_shape(r.rows, r.cols, tile_elems);
+      const TileShape shape = adafactor_tile_shape(std::max<int64_t>(r.rows, 1), r.cols, tile_elems);
       r.tile_rows = shape.rows;
       r.tile_cols = shape.cols;
       r.row_tiles = ceil_div(r.rows, shape.rows);
@@ -192,14 +216,37 @@ void adafactor_(at::TensorList params, at::TensorList grads, at::TensorList rows
   }
   check_distinct_params(records);
 
+  if (sharded) {
+    // sums: [theta^2 per tensor | the matrices' statistics (stats_at) | u^2 per tensor].
+    const at::Tensor& out = *sums;
+    check_same_device(out, device, "sums", 0);
+    TORCH_CHECK(out.scalar_type() == at::kDouble && out.is_contiguous() && out.dim() == 1 &&
+                    out.numel() >= static_cast<int64_t>(2 * n),
+                "fused_optim: sums must be a contiguous 1-D float64 tensor of at least 2 * ", n,
+                " elements");
+    for (const AdafactorTensor& r : records) {
+      const bool inside = r.stats_at >= static_cast<int64_t>(n) &&
+                          r.stats_at + r.batch * (r.cols + 1) <= out.numel() - static_cast<int64_t>(n);
+      TORCH_CHECK(r.stats_at < 0 || inside, "fused_optim: stats_at points outside sums");
+    }
+    const at::Tensor& kept = *carry;
+    check_same_device(kept, device, "carry", 0);
+    TORCH_CHECK(kept.scalar_type() == at::kFloat && kept.is_contiguous() && kept.numel() == factors,
+                "fused_optim: carry must be a contiguous float32 tensor of ", factors,
+                " elements (the row and column factors of this rank's matrices)");
+    args.phase = static_cast<int32_t>(phase);
+    args.sums = out.data_ptr<double>();
+    args.u_sq_at = out.numel() - static_cast<int64_t>(n);
+  }
+
   ScratchLayout sl;
   int64_t at_byte = 0;
   sl.row_partials = take(at_byte, row_partials * 4);
   sl.col_partials = take(at_byte, col_partials * 4);
   sl.tile_partials = take(at_byte, static_cast<int64_t>(tiles.size()) * 16);
-  sl.factors = take(at_byte, factors * 4);
+  sl.factors = take(at_byte, sharded ? 0 : factors * 4);
   sl.apply = take(at_byte, static_cast<int64_t>(n * sizeof(AdafactorApply)));
-  if (device.is_cpu()) {  // the CPU's sum of u^2 without a pass (csrc/cpu/adafactor.cpp)
+  if (device.is_cpu() && !sharded) {  // the CPU's sum of u^2 without a pass (cpu/adafactor.cpp)
     sl.q_partials = take(at_byte, col_partials * 4);
     sl.matrix_u_sq = take(at_byte, static_cast<int64_t>(matrices.size()) * 8);
   }
@@ -209,9 +256,9 @@ void adafactor_(at::TensorList params, at::TensorList grads, at::TensorList rows
   args.row_partials = reinterpret_cast<float*>(base + sl.row_partials);
   args.col_partials = reinterpret_cast<float*>(base + sl.col_partials);
   args.tile_partials = reinterpret_cast<double*>(base + sl.tile_partials);
-  args.factors = reinterpret_cast<float*>(base + sl.factors);
+  args.factors = sharded ? carry->data_ptr<float>() : reinterpret_cast<float*>(base + sl.factors);
   args.apply = reinterpret_cast<AdafactorApply*>(base + sl.apply);
-  if (device.is_cpu()) {
+  if (device.is_cpu() && !sharded) {
     args.q_partials = reinterpret_cast<float*>(base + sl.q_partials);
     args.matrix_u_sq = reinterpret_cast<double*>(base + sl.matrix_u_sq);
   }
@@ -257,7 +304,8 @@ TORCH_LIBRARY_FRAGMENT(fused_optim, m) {
       "Tensor(g!)[] state_steps, *, bool transformers, float lr, Tensor? lr_tensor, float? eps1, "
       "float eps2, float decay, float d, float weight_decay, float? beta1, bool maximize, "
       "bool relative_step, bool scale_parameter, bool warmup_init, Tensor? grad_scale, "
-      "Tensor? found_inf, Tensor? clip_coef) -> ()");
+      "Tensor? found_inf, Tensor? clip_coef, int phase=0, int[]? global_numels=None, "
+      "int[]? stats_at=None, Tensor(h!)? sums=None, Tensor(i!)? carry=None) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(fused_optim, CPU, m) { m.impl("adafactor_", &adafactor_); }

@@ -2,6 +2,7 @@
 transformers flavour (fused_optim.transformers.Adafactor)."""
 
 import functools
+import math
 import os
 
 import torch
@@ -132,14 +133,18 @@ class AdafactorFamily(FusedOptimizer):
         return self._kernel_backend(bucket.device, bucket.dtype, bucket.traced)
 
     def _make_run(self, backend, bucket, group, op_only: bool):
-        """One call of the backend's function over the bucket's compact lists, made once."""
+        """One call of the backend's function over the bucket's compact lists, made once.
+        Shards of FSDP2 params step in three calls with two all-reduces between them (ShardSums);
+        the reference takes them in one call that all-reduces the same sums itself. SMMF
+        overrides this."""
         fn = getattr(backend, self.KERNEL)
         params, lists = bucket.params, self._lists(bucket.states)
-        if bucket.shard_key is not None:
-            # Shards of FSDP2 params: the reference's phase-by-phase step, whose sums that span
-            # shards are all-reduced twice per step (not yet the fused kernels: their phases
-            # would need the same split). SMMF overrides this with its fused kernels.
+        if bucket.shard_key is not None and backend is _backends.get("reference", bucket.device):
             fn = functools.partial(getattr(_reference, self.KERNEL), **self._shard_args(bucket))
+        elif bucket.shard_key is not None:
+            shapes = [p.shape for p in bucket.dtensors]
+            offsets = [_distributed.flat_offset(p) for p in bucket.dtensors]
+            return ShardSums(params, shapes, offsets).run(fn, lists, bucket.shard_key)
 
         def run(grads, **kw):
             fn(params, grads, *lists, **kw)
@@ -161,6 +166,53 @@ class AdafactorFamily(FusedOptimizer):
         eps = group.get("eps")
         if isinstance(eps, (tuple, list)) and any(isinstance(e, torch.Tensor) for e in eps):
             group["eps"] = type(eps)(_as_float(e) for e in eps)
+
+
+class ShardSums:
+    """Where the sums of an Adafactor step over this rank's shards (FSDP2, Shard(0)) of params go
+    that span ranks, flat in float64, and the step as the fused kernels take it: three calls
+    (phases), the first two followed by one all-reduce each, whatever the number of params.
+
+    Layout, for N params: [sum of theta^2 per param (N) | per matrix of each param with ndim >= 2,
+    in the whole param's matrix order: the sum of its row statistics, its column sums of s
+    (cols + 1) | sum of u^2 per param (N)]. A matrix (ndim 2) is split by rows between ranks, all
+    adding to the same slots; a batch of matrices (ndim >= 3) is split by matrix, a rank writing
+    only its own matrices' slots, zero elsewhere. Phase 1 writes all but the sums of u^2, reduced
+    after it; phase 2 the sums of u^2, reduced after it; phase 3 applies the update. `carry`
+    (float32) holds the row and column factors of the rank's matrices from phase 1 to phase 3."""
+
+    def __init__(self, shards, shapes, offsets):
+        """shards: the rank's local tensors of params of the given global shapes, each starting
+        at its offset in the flattened param (dim-0 shards: whole rows)."""
+        n = len(shards)
+        self.n, self.device, self.shards = n, shards[0].device, shards
+        self.global_numels = [math.prod(shape) for shape in shapes]
+        self.stats_at, at, carry = [], n, 0
+        for shard, shape, offset, numel in zip(shards, shapes, offsets, self.global_numels, strict=True):
+            if len(shape) < 2 or numel == 0:
+                self.stats_at.append(-1)
+                continue
+            rows, cols = shape[-2:]
+            first = offset // (rows * cols) if len(shape) >= 3 else 0
+            self.stats_at.append(at + first * (cols + 1))
+            at += numel // (rows * cols) * (cols + 1)
+            carry += shard.shape[:-2].numel() * (shard.shape[-2] + cols)
+        self.size, self.carry_size = at + n, carry
+
+    def run(self, fn, lists, key):
+        """The step of backend function fn over the shards with their compact state lists."""
+        n, params = self.n, self.shards
+        args = dict(global_numels=self.global_numels, stats_at=self.stats_at)
+
+        def run(grads, **kw):
+            sums = torch.zeros(self.size, dtype=torch.float64, device=self.device)
+            carry = torch.empty(self.carry_size, dtype=torch.float32, device=self.device)
+            for phase, reduced in ((1, sums[:-n]), (2, sums[-n:]), (3, None)):
+                fn(params, grads, *lists, phase=phase, sums=sums, carry=carry, **args, **kw)
+                if reduced is not None:
+                    _distributed.all_reduce(reduced, key)
+
+        return run
 
 
 _UPDATE = """\
@@ -295,4 +347,4 @@ class Adafactor(AdafactorFamily):
         )  # fmt: skip
 
 
-__all__ = ["Adafactor", "AdafactorFamily"]
+__all__ = ["Adafactor", "AdafactorFamily", "ShardSums"]

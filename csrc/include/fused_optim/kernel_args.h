@@ -72,6 +72,17 @@ struct AdafactorArgs {
   // col_partials), and per matrix its sum of u^2 from them, or -1 where phase 3 must take it.
   float* q_partials = nullptr;
   double* matrix_u_sq = nullptr;
+
+  // FSDP2 shards: the step as three calls, phase 1, 2, 3 (0: the whole step in one call), the
+  // caller all-reducing sums[0, u_sq_at) after phase 1 and sums[u_sq_at, +n_tensors) after 2:
+  //   1  stats; the new row statistics (written) and their sums, the column sums of s, the sums
+  //      of theta^2 (sums[tensor]) -> sums
+  //   2  the factors from the whole sums; the sums of u^2 -> sums[u_sq_at + tensor]
+  //   3  the apply scalars from the whole sums; the update
+  // `factors` (the caller's, float32) carries the factors from phase 1 to 3.
+  int32_t phase = 0;
+  double* sums = nullptr;
+  int64_t u_sq_at = 0;
 };
 
 // One SMMF step (math/smmf.h): pass 1 over `tiles` (tensor, tile), pass 2 over `parts`

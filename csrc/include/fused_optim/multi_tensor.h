@@ -53,6 +53,11 @@ struct AdafactorTensor {
   int64_t col_partials;          // batch * row_tiles * cols floats: [matrix][row tile][col]
   int64_t factors;               // batch * rows row factors, then batch * cols column factors
   int64_t first_matrix;          // index of its first matrix among the call's matrices
+  // The whole param's numel and rows of each matrix: a rank's shard of an FSDP2 param (Shard(0))
+  // holds some of a matrix's rows (ndim 2) or whole matrices (ndim >= 3); in one process these
+  // are numel and rows. stats_at: where its first matrix's [sum of r, column sums of s] go in
+  // AdafactorArgs::sums, cols + 1 doubles per matrix (-1: none).
+  int64_t global_numel, global_rows, stats_at;
   int32_t factored;
 };
 
