@@ -701,8 +701,16 @@ _AOT_SCRIPT = textwrap.dedent(
     tk.adafactor_transformers(ps, [torch.zeros_like(p) for p in ps], [torch.zeros(3)], [torch.zeros(5)],
                               [torch.zeros(7)], [torch.zeros(s) for s in shapes], zeros(), zeros(),
                               grad_scale=one, found_inf=torch.zeros(1), clip_coef=one, **hf)
+    # a shard's three phases (ShardSums' layout for these shapes, one process)
+    sums, carry = torch.zeros(10, dtype=torch.float64), torch.zeros(8)
+    for phase in (1, 2, 3):
+        ps = [torch.zeros(s) for s in shapes]
+        shard = dict(phase=phase, global_numels=[7, 15], stats_at=[-1, 2], sums=sums, carry=carry)
+        tk.adafactor(ps, [torch.zeros(s) for s in shapes], [torch.zeros(3, 1)], [torch.zeros(1, 5)],
+                     [torch.zeros(7)], [torch.zeros(()) for _ in shapes], lr=0.01, beta2_decay=-0.8,
+                     eps1=None, eps2=1e-3, d=1.0, weight_decay=0.0, maximize=False, **shard)
     print(compiled)
-    assert len(compiled) == 10, compiled
+    assert len(compiled) == 18, compiled
     """
 )
 
@@ -711,8 +719,9 @@ _AOT_SCRIPT = textwrap.dedent(
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the kernels are compiled for real")
 def test_kernels_compile_for_sm90():
-    """Both flavours' five kernels compile to sm_90 cubin with the ptxas bundled in the triton
-    wheel: catches what the interpreter cannot (types of if/else branches, constexpr misuse)."""
+    """Both flavours' five kernels, and a shard's phases, compile to sm_90 cubin with the ptxas
+    bundled in the triton wheel: catches what the interpreter cannot (types of if/else branches,
+    constexpr misuse)."""
     pytest.importorskip("triton.backends.nvidia.compiler")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run(

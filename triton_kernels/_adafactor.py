@@ -71,6 +71,12 @@ _ROW_PART = tl.constexpr(16)  # row partials: [B, NCB, N] from here
 _COL_PART = tl.constexpr(17)  # column partials: [B, NRB, M] from here
 _RF = tl.constexpr(18)  # row factors: [B, N] from here
 _CF = tl.constexpr(19)  # column factors: [B, M] from here
+# FSDP2 shards (the step in three calls, PHASE 1, 2, 3; kernel_args.h: AdafactorArgs::phase): the
+# whole param's numel and rows of each matrix, and where its first matrix's [sum of r, column
+# sums] go in the sums. In one process: numel, N and unused.
+_GLOBAL_NUMEL = tl.constexpr(20)
+_GLOBAL_N = tl.constexpr(21)
+_STATS_AT = tl.constexpr(22)
 
 
 def _device_fn(fn):
@@ -503,6 +509,7 @@ def _factors_kernel(
     row_part_ptr,
     col_part_ptr,
     factors_ptr,
+    sums_ptr,
     found_inf_ptr,
     eps1_bits: tl.int64,
     decay_bits: tl.int64,
@@ -513,9 +520,12 @@ def _factors_kernel(
     PART_J: tl.constexpr,
     TRANSFORMERS: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr,
+    PHASE: tl.constexpr,
 ):
     """One program per matrix: means of s from the partials (fixed order, fp64), the row and
-    column states updated, then rf_i (once mean r is known) and cf_j into the scratch."""
+    column states updated, then rf_i (once mean r is known) and cf_j into the scratch.
+    A shard's PHASE 1 stops at the new row statistics (kept in rf) and writes [their sum, the
+    column sums] to the sums; its PHASE 2 takes the factors from the whole sums."""
     if _proceed(found_inf_ptr, HAS_FOUND_INF):
         tensor, record, b = work_item(mat_items_ptr, meta_ptr, RECORD)
         n = tl.load(record + _N)
@@ -529,38 +539,54 @@ def _factors_kernel(
         rf, cf = _factor_ptrs(factors_ptr, record, b)
         row_part = row_part_ptr + tl.load(record + _ROW_PART) + b * ncb * n
         col_part = col_part_ptr + tl.load(record + _COL_PART) + b * nrb * m
+        # the whole matrix's rows; [sum of r, column sums] in the sums
+        global_n = tl.load(record + _GLOBAL_N).to(tl.float64)
+        stats = sums_ptr + tl.load(record + _STATS_AT) + b * (m + 1)
 
         rows = tl.arange(0, BLOCK_I)
-        sum_r = tl.zeros([BLOCK_I], tl.float64)
-        for i0 in range(0, n, BLOCK_I):
-            i = i0 + rows
-            ok = i < n
-            acc = _sum_partials(row_part, n, ncb, i, ok, PART_I, BLOCK_I)
-            mean = (acc / m.to(tl.float64)).to(tl.float32)
-            old = tl.load(row + i, mask=ok, other=0.0).to(tl.float32)
-            r = adafactor_stat_update(old, mean, w, keep, TRANSFORMERS)
-            tl.store(row + i, to_storage(r, row), mask=ok)
-            tl.store(rf + i, r, mask=ok)  # replaced by the factor below, once mean r is known
-            sum_r += tl.where(ok, r.to(tl.float64), 0.0)
-        mean_r = (tl.sum(sum_r, 0) / n.to(tl.float64)).to(tl.float32)
-        tl.debug_barrier()  # the fp32 r written above is read back by other threads
-        for i0 in range(0, n, BLOCK_I):
-            i = i0 + rows
-            ok = i < n
-            r = tl.load(rf + i, mask=ok, other=1.0)
-            tl.store(rf + i, adafactor_row_factor(r, mean_r, eps1, TRANSFORMERS), mask=ok)
+        if PHASE != 2:
+            sum_r = tl.zeros([BLOCK_I], tl.float64)
+            for i0 in range(0, n, BLOCK_I):
+                i = i0 + rows
+                ok = i < n
+                acc = _sum_partials(row_part, n, ncb, i, ok, PART_I, BLOCK_I)
+                mean = (acc / m.to(tl.float64)).to(tl.float32)
+                old = tl.load(row + i, mask=ok, other=0.0).to(tl.float32)
+                r = adafactor_stat_update(old, mean, w, keep, TRANSFORMERS)
+                tl.store(row + i, to_storage(r, row), mask=ok)
+                tl.store(rf + i, r, mask=ok)  # replaced by the factor below, once mean r is known
+                sum_r += tl.where(ok, r.to(tl.float64), 0.0)
+            if PHASE == 1:
+                tl.store(stats, tl.sum(sum_r, 0))
+            else:
+                mean_r = (tl.sum(sum_r, 0) / n.to(tl.float64)).to(tl.float32)
+        else:
+            mean_r = (tl.load(stats) / global_n).to(tl.float32)
+        if PHASE != 1:
+            tl.debug_barrier()  # the fp32 r written above is read back by other threads
+            for i0 in range(0, n, BLOCK_I):
+                i = i0 + rows
+                ok = i < n
+                r = tl.load(rf + i, mask=ok, other=1.0)
+                tl.store(rf + i, adafactor_row_factor(r, mean_r, eps1, TRANSFORMERS), mask=ok)
 
         cols = tl.arange(0, BLOCK_J)
         for j0 in range(0, m, BLOCK_J):
             j = j0 + cols
             ok = j < m
-            acc = _sum_partials(col_part, m, nrb, j, ok, PART_J, BLOCK_J)
-            mean = (acc / n.to(tl.float64)).to(tl.float32)
-            old = tl.load(col + j, mask=ok, other=0.0).to(tl.float32)
-            c = adafactor_stat_update(old, mean, w, keep, TRANSFORMERS)
-            tl.store(col + j, to_storage(c, col), mask=ok)
-            c = tl.where(ok, c, 1.0)  # lanes past the matrix: no 1/0
-            tl.store(cf + j, adafactor_col_factor(c), mask=ok)
+            if PHASE == 0:
+                acc = _sum_partials(col_part, m, nrb, j, ok, PART_J, BLOCK_J)
+                mean = (acc / n.to(tl.float64)).to(tl.float32)
+            elif PHASE == 1:
+                tl.store(stats + 1 + j, _sum_partials(col_part, m, nrb, j, ok, PART_J, BLOCK_J), mask=ok)
+            else:
+                mean = (tl.load(stats + 1 + j, mask=ok, other=0.0) / global_n).to(tl.float32)
+            if PHASE != 1:
+                old = tl.load(col + j, mask=ok, other=0.0).to(tl.float32)
+                c = adafactor_stat_update(old, mean, w, keep, TRANSFORMERS)
+                tl.store(col + j, to_storage(c, col), mask=ok)
+                c = tl.where(ok, c, 1.0)  # lanes past the matrix: no 1/0
+                tl.store(cf + j, adafactor_col_factor(c), mask=ok)
 
 
 # ---- Pass 3: norm of u -------------------------------------------------------------------
@@ -683,7 +709,7 @@ def _unorm_kernel(
 
 # ---- Pass 4: per-tensor scalars ----------------------------------------------------------
 
-_SCALAR_ARGS = ["lr_bits", "eps2_bits", "d_bits", "wd_bits"]
+_SCALAR_ARGS = ["lr_bits", "eps2_bits", "d_bits", "wd_bits", "u_sq_at"]
 
 
 @triton.jit(do_not_specialize=_SCALAR_ARGS)
@@ -695,6 +721,8 @@ def _scalars_kernel(
     theta_part_ptr,
     u_part_ptr,
     apply_ptr,
+    sums_ptr,
+    u_sq_at,
     found_inf_ptr,
     lr_bits: tl.int64,
     eps2_bits: tl.int64,
@@ -709,24 +737,37 @@ def _scalars_kernel(
     HAS_RMS: tl.constexpr,
     LR_IS_TENSOR: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr,
+    PHASE: tl.constexpr,
 ):
     """One program per tensor: its partials combined in a fixed order (fp64), the apply scalars
     to apply[2 * tensor : 2 * tensor + 2], RMS(theta) to its RMS state (0 for an empty tensor),
-    and the step advanced."""
+    and the step advanced. A shard's PHASE 1 and 2 stop at the sum of its partials of theta^2
+    (to sums[tensor]), of u^2 (to sums[u_sq_at + tensor]); its PHASE 3 reads the whole sums."""
     if _proceed(found_inf_ptr, HAS_FOUND_INF):
         tensor = tl.program_id(0)
         record = meta_ptr + tensor * RECORD
-        numel = tl.load(record + _NUMEL)
+        numel = tl.load(record + _GLOBAL_NUMEL)
         first = tl.load(record + _FIRST)
         count = tl.load(record + _COUNT)
         arange = tl.arange(0, BLOCK_S)
         acc_theta = tl.zeros([BLOCK_S], tl.float64)
         acc_u = tl.zeros([BLOCK_S], tl.float64)
-        for k0 in range(0, count, BLOCK_S):
+        for k0 in range(0, count if PHASE != 3 else 0, BLOCK_S):
             k = k0 + arange
             ok = k < count
-            acc_theta += tl.load(theta_part_ptr + first + k, mask=ok, other=0.0).to(tl.float64)
-            acc_u += tl.load(u_part_ptr + first + k, mask=ok, other=0.0).to(tl.float64)
+            if PHASE != 2:
+                acc_theta += tl.load(theta_part_ptr + first + k, mask=ok, other=0.0).to(tl.float64)
+            if PHASE != 1:
+                acc_u += tl.load(u_part_ptr + first + k, mask=ok, other=0.0).to(tl.float64)
+        theta_sq = tl.sum(acc_theta, 0)
+        u_sq = tl.sum(acc_u, 0)
+        if PHASE == 1:
+            tl.store(sums_ptr + tensor, theta_sq)
+        if PHASE == 2:
+            tl.store(sums_ptr + u_sq_at + tensor, u_sq)
+        if PHASE == 3:
+            theta_sq = tl.load(sums_ptr + tensor)
+            u_sq = tl.load(sums_ptr + u_sq_at + tensor)
         step_p = role_ptr(step_ptr, record, _STEP, 0, False)
         old_step = tl.load(step_p)
         if LR_IS_TENSOR:
@@ -734,8 +775,8 @@ def _scalars_kernel(
         else:
             lr = f64(lr_bits)
         scale, decay, rms = adafactor_apply_scalars(
-            tl.sum(acc_theta, 0),
-            tl.sum(acc_u, 0),
+            theta_sq,
+            u_sq,
             tl.maximum(numel, 1),  # an empty tensor's scalars are never used
             old_step.to(tl.float64) + 1.0,
             lr,
@@ -747,12 +788,13 @@ def _scalars_kernel(
             WARMUP_INIT,
             SCALE_PARAMETER,
         )
-        tl.store(apply_ptr + 2 * tensor, scale)
-        tl.store(apply_ptr + 2 * tensor + 1, decay)
-        if HAS_RMS:
-            # transformers stores 0/0 = NaN for an empty tensor; 0 keeps state_dicts NaN-free.
-            tl.store(role_ptr(rms_ptr, record, _RMS, 0, False), tl.where(numel > 0, rms, 0.0))
-        tl.store(step_p, old_step + 1.0)
+        if PHASE == 0 or PHASE == 3:
+            tl.store(apply_ptr + 2 * tensor, scale)
+            tl.store(apply_ptr + 2 * tensor + 1, decay)
+            if HAS_RMS:
+                # transformers stores 0/0 = NaN for an empty tensor; 0 keeps state_dicts NaN-free.
+                tl.store(role_ptr(rms_ptr, record, _RMS, 0, False), tl.where(numel > 0, rms, 0.0))
+            tl.store(step_p, old_step + 1.0)
 
 
 # ---- Pass 5: apply -----------------------------------------------------------------------
@@ -1006,9 +1048,10 @@ def _offset(t: torch.Tensor, base: torch.Tensor, what: str, i: int) -> int:
     return dist
 
 
-def _build(lists, device: torch.device) -> _AdafactorPlan:
+def _build(lists, device: torch.device, shards=None) -> _AdafactorPlan:
     """Records, work items and scratch for the call's (validated, contiguous) tensors.
-    O(#tensors) Python work plus a few vectorised torch ops, once per set of tensors."""
+    O(#tensors) Python work plus a few vectorised torch ops, once per set of tensors.
+    shards: (global_numels, stats_at, sums.numel()) for a rank's shards of FSDP2 params, else None."""
     params = lists[_L_PARAMS]
     n = len(params)
     bases = [_base_index(tensors) for tensors in lists]  # per list: its base tensor's index
@@ -1029,26 +1072,36 @@ def _build(lists, device: torch.device) -> _AdafactorPlan:
         else:
             next_full += 1
         words[rec] = numel
+        whole = numel if shards is None else shards[0][i]
+        words[rec + _GLOBAL_NUMEL.value] = whole
         words[rec + _STEP.value] = _role_offset(lists, bases, _L_STEPS, i, i)
         if lists[_L_RMSS]:
             words[rec + _RMS.value] = _role_offset(lists, bases, _L_RMSS, i, i)
         words[rec + _FIRST.value] = n_items
-        if numel == 0:  # only pass 4 touches it: RMS 0, the step
+        # A shard without rows of a non-empty matrix (ndim 2) still updates its column statistics.
+        rowless = p.dim() == 2 and numel == 0 and whole > 0
+        if numel == 0 and not rowless:  # only pass 4 touches it: RMS 0, the step
             counts.append(0)
             mats.append(0)
             continue
-        other = seen.setdefault(p.data_ptr(), i)
+        other = seen.setdefault(p.data_ptr(), i) if numel else i
         if other != i:
             raise RuntimeError(
                 f"fused_optim: params[{other}] and params[{i}] share memory; pass each parameter once"
             )
-        words[rec + _PARAM.value] = _role_offset(lists, bases, _L_PARAMS, i, i)
-        words[rec + _GRAD.value] = _role_offset(lists, bases, _L_GRADS, i, i)
-        if lists[_L_EXP_AVGS]:
+        if numel:
+            words[rec + _PARAM.value] = _role_offset(lists, bases, _L_PARAMS, i, i)
+            words[rec + _GRAD.value] = _role_offset(lists, bases, _L_GRADS, i, i)
+        if lists[_L_EXP_AVGS] and numel:
             words[rec + _EXP_AVG.value] = _role_offset(lists, bases, _L_EXP_AVGS, i, i)
         if factored:
             rows, cols = p.shape[-2], p.shape[-1]
-            batch = numel // (rows * cols)
+            batch = 1 if rowless else numel // (rows * cols)
+            words[rec + _GLOBAL_N.value] = whole // cols if p.dim() == 2 else rows
+            if shards is not None:
+                at = words[rec + _STATS_AT.value] = shards[1][i]
+                if not n <= at <= shards[2] - n - batch * (cols + 1):
+                    raise RuntimeError(f"fused_optim: stats_at[{i}] points outside sums")
             nrb, ncb = _cdiv(rows, TILE_R), _cdiv(cols, TILE_C)
             words[rec + _ROW.value] = _role_offset(lists, bases, _L_ROWS, fi, i)
             words[rec + _COL.value] = _role_offset(lists, bases, _L_COLS, fi, i)
@@ -1217,12 +1270,13 @@ def _contiguous(lists) -> bool:
     return all(t.is_contiguous() for r in range(_L_RMSS) for t in lists[r])
 
 
-def _key(lists, device, transformers: bool):
+def _key(lists, device, transformers: bool, shards):
     params = lists[_L_PARAMS]
     try:
         return (
             device,
             transformers,
+            shards,
             params[0].dtype,
             _state_dtype(lists),
             tuple(map(torch.Tensor.size, params)),
@@ -1236,10 +1290,12 @@ def _key(lists, device, transformers: bool):
         return None  # e.g. a sparse tensor has no data_ptr: let validation say what is wrong
 
 
-def _run(lists, transformers: bool, hyper: dict, flags: dict, found_inf, grad_scale, clip_coef):
-    """Looks up (or builds) the plan and launches the five passes."""
+def _run(lists, transformers: bool, hyper: dict, flags: dict, found_inf, grad_scale, clip_coef, shard: dict):
+    """Looks up (or builds) the plan and launches the five passes, or those of one phase of a
+    sharded step (shard: phase, global_numels, stats_at, sums, carry; kernel_args.h)."""
     params = lists[_L_PARAMS]
     n = len(params)
+    shards = _check_shard(shard, n, params[0].device)
     if not (len(lists[_L_GRADS]) == len(lists[_L_STEPS]) == n):
         raise ValueError(
             f"fused_optim: params, grads and state_steps differ in length: {n}, "
@@ -1257,12 +1313,12 @@ def _run(lists, transformers: bool, hyper: dict, flags: dict, found_inf, grad_sc
         _plan.check_scalar(t, device, what)
     lr, lr_tensor = _lr_split(hyper["lr"], device) if hyper["lr"] is not None else (0.0, None)
 
-    key = _key(lists, device, transformers)
+    key = _key(lists, device, transformers, shards)
     plan = _CACHE.get(key) if key is not None else None
     if plan is None:
         _validate(lists)
         _plan.check_runnable(_stats_kernel, device)
-        plan = _build(lists, device) if _contiguous(lists) else _NEEDS_COPIES
+        plan = _build(lists, device, shards) if _contiguous(lists) else _NEEDS_COPIES
         if key is not None:
             _CACHE.put(key, plan)
 
@@ -1278,14 +1334,47 @@ def _run(lists, transformers: bool, hyper: dict, flags: dict, found_inf, grad_sc
                     lists[r][i] = work
                     if r != _L_GRADS:
                         write_back.append((t, work))
-        plan = _build(lists, device)
+        plan = _build(lists, device, shards)
 
-    _launch_passes(plan, lists, transformers, hyper, flags, lr, lr_tensor, found_inf, grad_scale, clip_coef)
+    if shards is not None and shard["carry"].numel() != plan.factors.numel():
+        raise RuntimeError(
+            f"fused_optim: carry must hold {plan.factors.numel()} float32 elements (the row and column "
+            f"factors of this rank's matrices), got {shard['carry'].numel()}"
+        )
+    _launch_passes(
+        plan, lists, transformers, hyper, flags, lr, lr_tensor, found_inf, grad_scale, clip_coef, shard
+    )
     for dst, src in write_back:
         dst.copy_(src)
 
 
-def _launch_passes(plan, lists, transformers, hyper, flags, lr, lr_tensor, found_inf, grad_scale, clip_coef):
+def _check_shard(shard: dict, n: int, device) -> tuple | None:
+    """(global_numels, stats_at, sums.numel()) of a sharded phase; None for the whole step."""
+    phase = shard.get("phase", 0)
+    given = [shard.get(k) is not None for k in ("global_numels", "stats_at", "sums", "carry")]
+    if phase not in (0, 1, 2, 3):
+        raise RuntimeError(f"fused_optim: phase must be 0, 1, 2 or 3, got {phase}")
+    if any(given) != bool(phase) or not all(given) and phase:
+        raise RuntimeError(
+            "fused_optim: a sharded phase (1, 2 or 3) takes global_numels, stats_at, sums and carry, and "
+            "phase 0 none of them"
+        )
+    if not phase:
+        return None
+    sums, carry = shard["sums"], shard["carry"]
+    if len(shard["global_numels"]) != n or len(shard["stats_at"]) != n:
+        raise RuntimeError("fused_optim: global_numels and stats_at need one entry per param")
+    for what, t, dtype in (("sums", sums, torch.float64), ("carry", carry, torch.float32)):
+        if t.dtype != dtype or t.dim() != 1 or not t.is_contiguous() or t.device != device:
+            raise RuntimeError(f"fused_optim: {what} must be a contiguous 1-D {dtype} tensor on {device}")
+    if sums.numel() < 2 * n:
+        raise RuntimeError(f"fused_optim: sums must have at least 2 * {n} elements")
+    return tuple(shard["global_numels"]), tuple(shard["stats_at"]), sums.numel()
+
+
+def _launch_passes(
+    plan, lists, transformers, hyper, flags, lr, lr_tensor, found_inf, grad_scale, clip_coef, shard
+):
     def base(r):
         b = plan.bases[r]
         return lists[r][b] if b is not None else plan.dummy
@@ -1306,112 +1395,128 @@ def _launch_passes(plan, lists, transformers, hyper, flags, lr, lr_tensor, found
         HAS_CLIP=clip_coef is not None,
     )
     tiles = dict(SUB_R=SUB_R, TILE_R=TILE_R, TILE_C=TILE_C, BLOCK=BLOCK, TILES=TILES, num_warps=NUM_WARPS)
+    # A sharded step's phase runs some of the passes (kernel_args.h: AdafactorArgs::phase).
+    phase = shard.get("phase", 0)
+    factors = shard["carry"] if phase else plan.factors
+    sums = shard["sums"] if phase else plan.theta_part  # never read in one process
+    u_sq_at = sums.numel() - len(params)
+    passes = {0: "sfuka", 1: "sfk", 2: "fuk", 3: "ka"}[phase]
     with _plan.device_guard(params[0].device):
-        _plan._launch(
-            _stats_kernel,
-            (plan.n_items,),
-            plan.items,
-            plan.meta,
-            base(_L_PARAMS),
-            base(_L_GRADS),
-            base(_L_VARS),
-            base(_L_STEPS),
-            plan.row_part,
-            plan.col_part,
-            plan.theta_part,
-            grad_scale,
-            found_inf,
-            clip_coef,
-            eps1_bits,
-            decay_bits,
-            **common,
-            **grads_in,
-            **tiles,
-        )
-        _plan._launch(
-            _factors_kernel,
-            (plan.n_mats,),
-            plan.mat_items,
-            plan.meta,
-            base(_L_ROWS),
-            base(_L_COLS),
-            base(_L_STEPS),
-            plan.row_part,
-            plan.col_part,
-            plan.factors,
-            found_inf,
-            eps1_bits,
-            decay_bits,
-            BLOCK_I=BLOCK_I,
-            PART_I=PART_I,
-            BLOCK_J=BLOCK_J,
-            PART_J=PART_J,
-            num_warps=NUM_WARPS,
-            **common,
-        )
-        _plan._launch(
-            _unorm_kernel,
-            (plan.n_items,),
-            plan.items,
-            plan.meta,
-            base(_L_GRADS),
-            base(_L_VARS),
-            plan.factors,
-            plan.u_part,
-            grad_scale,
-            found_inf,
-            clip_coef,
-            eps1_bits,
-            **common,
-            **grads_in,
-            **tiles,
-        )
-        _plan._launch(
-            _scalars_kernel,
-            (plan.n_tensors,),
-            plan.meta,
-            base(_L_STEPS),
-            base(_L_RMSS) if has_rms else None,
-            lr_tensor,
-            plan.theta_part,
-            plan.u_part,
-            plan.apply,
-            found_inf,
-            0 if lr_tensor is not None else bits(lr),
-            bits(hyper["eps2"]),
-            bits(hyper["d"]),
-            bits(hyper["weight_decay"]),
-            BLOCK_S=BLOCK_S,
-            RELATIVE_STEP=flags["relative_step"],
-            WARMUP_INIT=flags["warmup_init"],
-            SCALE_PARAMETER=flags["scale_parameter"],
-            HAS_RMS=has_rms,
-            LR_IS_TENSOR=lr_tensor is not None,
-            num_warps=1,
-            **common,
-        )
-        _plan._launch(
-            _apply_kernel,
-            (plan.n_items,),
-            plan.items,
-            plan.meta,
-            base(_L_PARAMS),
-            base(_L_GRADS),
-            base(_L_VARS),
-            base(_L_EXP_AVGS) if has_beta1 else None,
-            plan.factors,
-            plan.apply,
-            grad_scale,
-            found_inf,
-            clip_coef,
-            eps1_bits,
-            bits(hyper["weight_decay"]),
-            bits(hyper["beta1"] if has_beta1 else 0.0),
-            HAS_BETA1=has_beta1,
-            **common,
-            **grads_in,
-            **tiles,
-        )
+        if "s" in passes:
+            _plan._launch(
+                _stats_kernel,
+                (plan.n_items,),
+                plan.items,
+                plan.meta,
+                base(_L_PARAMS),
+                base(_L_GRADS),
+                base(_L_VARS),
+                base(_L_STEPS),
+                plan.row_part,
+                plan.col_part,
+                plan.theta_part,
+                grad_scale,
+                found_inf,
+                clip_coef,
+                eps1_bits,
+                decay_bits,
+                **common,
+                **grads_in,
+                **tiles,
+            )
+        if "f" in passes:
+            _plan._launch(
+                _factors_kernel,
+                (plan.n_mats,),
+                plan.mat_items,
+                plan.meta,
+                base(_L_ROWS),
+                base(_L_COLS),
+                base(_L_STEPS),
+                plan.row_part,
+                plan.col_part,
+                factors,
+                sums,
+                found_inf,
+                eps1_bits,
+                decay_bits,
+                PHASE=phase,
+                BLOCK_I=BLOCK_I,
+                PART_I=PART_I,
+                BLOCK_J=BLOCK_J,
+                PART_J=PART_J,
+                num_warps=NUM_WARPS,
+                **common,
+            )
+        if "u" in passes:
+            _plan._launch(
+                _unorm_kernel,
+                (plan.n_items,),
+                plan.items,
+                plan.meta,
+                base(_L_GRADS),
+                base(_L_VARS),
+                factors,
+                plan.u_part,
+                grad_scale,
+                found_inf,
+                clip_coef,
+                eps1_bits,
+                **common,
+                **grads_in,
+                **tiles,
+            )
+        if "k" in passes:
+            _plan._launch(
+                _scalars_kernel,
+                (plan.n_tensors,),
+                plan.meta,
+                base(_L_STEPS),
+                base(_L_RMSS) if has_rms else None,
+                lr_tensor,
+                plan.theta_part,
+                plan.u_part,
+                plan.apply,
+                sums,
+                u_sq_at,
+                found_inf,
+                0 if lr_tensor is not None else bits(lr),
+                bits(hyper["eps2"]),
+                bits(hyper["d"]),
+                bits(hyper["weight_decay"]),
+                BLOCK_S=BLOCK_S,
+                RELATIVE_STEP=flags["relative_step"],
+                WARMUP_INIT=flags["warmup_init"],
+                SCALE_PARAMETER=flags["scale_parameter"],
+                HAS_RMS=has_rms,
+                LR_IS_TENSOR=lr_tensor is not None,
+                PHASE=phase,
+                num_warps=1,
+                **common,
+            )
+        if "a" in passes:
+            _plan._launch(
+                _apply_kernel,
+                (plan.n_items,),
+                plan.items,
+                plan.meta,
+                base(_L_PARAMS),
+                base(_L_GRADS),
+                base(_L_VARS),
+                base(_L_EXP_AVGS) if has_beta1 else None,
+                factors,
+                plan.apply,
+                grad_scale,
+                found_inf,
+                clip_coef,
+                eps1_bits,
+                bits(hyper["weight_decay"]),
+                bits(hyper["beta1"] if has_beta1 else 0.0),
+                HAS_BETA1=has_beta1,
+                **common,
+                **grads_in,
+                **tiles,
+            )
 
 
 def adafactor(
@@ -1432,9 +1537,12 @@ def adafactor(
     grad_scale: torch.Tensor | None = None,
     found_inf: torch.Tensor | None = None,
     clip_coef: torch.Tensor | None = None,
+    **shard,
 ) -> None:
     """One torch-flavour Adafactor step (ALGORITHMS.md 3a) over lists of tensors of one device,
-    in place, in five launches. Same arguments and semantics as fused_optim._reference's."""
+    in place, in five launches. Same arguments and semantics as fused_optim._reference's;
+    `shard` (phase, global_numels, stats_at, sums, carry): one phase of a sharded step, as the
+    native op takes it (optim/adafactor.py: ShardSums)."""
     if not params:
         return
     if eps1 is None:
@@ -1442,7 +1550,7 @@ def adafactor(
     hyper = dict(lr=lr, eps1=eps1, eps2=eps2, decay=beta2_decay, d=d, weight_decay=weight_decay, beta1=None)
     flags = dict(maximize=bool(maximize), relative_step=False, warmup_init=False, scale_parameter=True)
     lists = (params, grads, row_vars, col_vars, variances, None, None, state_steps)
-    _run(lists, False, hyper, flags, found_inf, grad_scale, clip_coef)
+    _run(lists, False, hyper, flags, found_inf, grad_scale, clip_coef, shard)
 
 
 def adafactor_transformers(
@@ -1468,10 +1576,11 @@ def adafactor_transformers(
     grad_scale: torch.Tensor | None = None,
     found_inf: torch.Tensor | None = None,
     clip_coef: torch.Tensor | None = None,
+    **shard,
 ) -> None:
     """One transformers-flavour Adafactor step (ALGORITHMS.md 3b) over lists of tensors of one
     device, in place, in five launches. Same arguments and semantics as fused_optim._reference's;
-    lr is not read (may be None) with relative_step."""
+    lr is not read (may be None) with relative_step. `shard`: as for `adafactor`."""
     if not params:
         return
     hyper = dict(
@@ -1499,4 +1608,4 @@ def adafactor_transformers(
         rmss,
         state_steps,
     )
-    _run(lists, True, hyper, flags, found_inf, grad_scale, clip_coef)
+    _run(lists, True, hyper, flags, found_inf, grad_scale, clip_coef, shard)
