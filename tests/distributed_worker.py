@@ -448,7 +448,7 @@ def cases() -> dict:
         for clip in (None, 0.1):
             out[f"fsdp-{name}-clip{clip}"] = lambda n=name, c=clip: case_optimizer(n, c)
     for backend in ("reference", "triton"):
-        for name in ("AdamW", "SMMF"):
+        for name in ("AdamW", "Adafactor", "HFAdafactor-beta1-lr", "SMMF"):
             out[f"fsdp-{name}-clip0.1-{backend}"] = lambda n=name, b=backend: case_optimizer(n, 0.1, b)
     for name in ("AdamW", "Adafactor", "SMMF"):
         out[f"hsdp-{name}-clip0.1"] = lambda n=name: case_hsdp(n, 0.1)

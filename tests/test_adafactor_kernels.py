@@ -58,7 +58,7 @@ triton_only = [pytest.mark.triton, pytest.mark.skipif(_TRITON_REASON is not None
 
 
 def _device(backend: str) -> torch.device:
-    if backend == "triton" and not INTERPRET:
+    if backend == "cuda" or (backend == "triton" and not INTERPRET):
         return torch.device("cuda")
     return torch.device("cpu")
 
@@ -842,9 +842,9 @@ def _sharded_step(whole: State, grads, backend: str, **kw) -> list[_Rank]:
     added between phases as the all-reduces would."""
     ranks = [_Rank(whole, r) for r in range(RANKS)]
     fn = getattr(_backends.get(backend, whole.params[0].device), KERNELS[whole.flavour])
-    n = len(whole.params)
-    sums = [torch.zeros(r.layout.size, dtype=torch.float64) for r in ranks]
-    carries = [torch.full((r.layout.carry_size,), float("nan")) for r in ranks]
+    n, device = len(whole.params), whole.params[0].device
+    sums = [torch.zeros(r.layout.size, dtype=torch.float64, device=device) for r in ranks]
+    carries = [torch.full((r.layout.carry_size,), float("nan"), device=device) for r in ranks]
     for phase, part in ((1, slice(0, -n)), (2, slice(-n, None)), (3, None)):
         for r, rank in enumerate(ranks):
             mine = [g[c[r] : c[r + 1]] if g.dim() else g for g, c in zip(grads, rank.cuts, strict=True)]
@@ -859,6 +859,15 @@ def _sharded_step(whole: State, grads, backend: str, **kw) -> list[_Rank]:
 
 
 KERNELS = {"torch": "adafactor", "hf": "adafactor_transformers"}
+# and the native CUDA kernels, on a GPU
+SHARD_BACKENDS = [
+    *BACKENDS,
+    pytest.param(
+        "cuda",
+        marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")],
+        id="cuda",
+    ),
+]
 SHARD_CONFIGS = {
     "torch": dict(maximize=True, weight_decay=0.1),
     "torch_clip": dict(d=0.5, eps1=1e-4, lr="f32"),
@@ -868,7 +877,7 @@ SHARD_CONFIGS = {
 
 
 @pytest.mark.parametrize("config", list(SHARD_CONFIGS))
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", SHARD_BACKENDS)
 def test_shards_step_as_one_process(backend, config):
     """FSDP2: ranks holding dim-0 shards of each param (uneven, some empty) take the step of one
     process once their sums are added between the three calls; the replicated states (column
@@ -898,7 +907,7 @@ def test_shards_step_as_one_process(backend, config):
 
 
 @pytest.mark.parametrize("flavour", ["torch", "hf"])
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", SHARD_BACKENDS)
 def test_shards_skip_the_step_on_found_inf(backend, flavour):
     device = _device(backend)
     kw = _kwargs(flavour, dict(beta1=0.9) if flavour == "hf" else {}, device, torch.float32)
@@ -912,3 +921,27 @@ def test_shards_skip_the_step_on_found_inf(backend, flavour):
     for r, rank in enumerate(ranks):
         for got, want in zip(rank.replicated(), _Rank(before, r).replicated(), strict=True):
             assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_shard_arguments_are_checked(backend):
+    """Missing, mis-sized or out-of-range shard arguments are refused before anything changes."""
+    device = _device(backend)
+    whole = State("torch", _params([(3, 5), (4,)], torch.float32, device))
+    before = whole.copy()
+    grads = _grads([(3, 5), (4,)], torch.float32, device, 0)
+    fn = _backends.get(backend, device).adafactor
+    good = dict(phase=1, global_numels=[15, 4], stats_at=[2, -1], sums=torch.zeros(10, dtype=torch.float64),
+                carry=torch.zeros(8))  # fmt: skip
+    for bad, match in (
+        (dict(carry=None), "takes global_numels, stats_at, sums and carry"),
+        (dict(phase=0), "phase 0 none of them"),
+        (dict(carry=torch.zeros(7)), "carry"),
+        (dict(stats_at=[5, -1]), "stats_at"),
+        (dict(sums=torch.zeros(10)), "sums"),
+    ):
+        kw = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in {**good, **bad}.items()}
+        kw.update(_kwargs("torch", {}, device, torch.float32))
+        with pytest.raises(RuntimeError, match=match):
+            fn(whole.params, grads, *whole.states, whole.steps, **kw)
+        _compare(whole, before, f"after {bad}", rtol=0)

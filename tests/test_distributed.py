@@ -67,7 +67,7 @@ def test_hsdp_2d_mesh_matches_one_process(results, name):
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
-@pytest.mark.parametrize("optimizer", ["AdamW", "SMMF"])
+@pytest.mark.parametrize("optimizer", ["AdamW", "Adafactor", "HFAdafactor-beta1-lr", "SMMF"])
 def test_fsdp2_other_backends(results, optimizer, backend):
     name = f"fsdp-{optimizer}-clip0.1-{backend}"
     if backend == "triton" and name not in results:

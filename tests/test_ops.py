@@ -74,6 +74,34 @@ def test_smmf_op():
     torch.library.opcheck(torch.ops.fused_optim.smmf_.default, args, kwargs, test_utils=TESTS)
 
 
+@pytest.mark.parametrize("phase", [1, 2, 3])
+def test_adafactor_op_on_a_shard(phase):
+    """One phase of an FSDP2 shard's step (phase, global_numels, stats_at, sums, carry); phase 1
+    writes the sums of theta^2 and the matrix's statistics, not the sums of u^2."""
+    g = torch.Generator().manual_seed(2)
+    # rows 2 to 4 of a 7 x 5 matrix, elements of a vector
+    params = [torch.randn(3, 5, generator=g), torch.randn(4, generator=g)]
+    grads = [torch.randn(p.shape, generator=g) for p in params]
+    rows, cols, fulls = (
+        [torch.rand(3, 1, generator=g)],
+        [torch.rand(1, 5, generator=g)],
+        [torch.rand(4, generator=g)],
+    )
+    steps = [torch.zeros(()) for _ in params]
+    args = (params, grads, rows, cols, fulls, [], [], steps)
+    sums = torch.rand(2 + 6 + 2, generator=g, dtype=torch.float64)
+    kwargs = dict(transformers=False, lr=1e-2, lr_tensor=None, eps1=None, eps2=1e-3, decay=-0.8, d=1.0,
+                  weight_decay=0.0, beta1=None, maximize=False, relative_step=False, scale_parameter=True,
+                  warmup_init=False, grad_scale=None, found_inf=None, clip_coef=None, phase=phase,
+                  global_numels=[35, 10], stats_at=[2, -1], sums=sums,
+                  carry=torch.rand(3 + 5, generator=g))  # fmt: skip
+    torch.library.opcheck(torch.ops.fused_optim.adafactor_.default, args, kwargs, test_utils=TESTS)
+    kwargs["sums"] = torch.zeros_like(sums)
+    torch.ops.fused_optim.adafactor_(*args, **kwargs)
+    written = kwargs["sums"] != 0
+    assert written[:8].all().item() == (phase == 1) and written[8:].all().item() == (phase == 2)
+
+
 def test_smmf_op_on_a_shard():
     """An FSDP2 shard (global_numels, starts, sums): the raw sums buffer is written too."""
     g = torch.Generator().manual_seed(1)

@@ -112,8 +112,11 @@ __global__ void __launch_bounds__(kThreads) stats_kernel(AdafactorArgs a) {
 }
 
 // Phase 2, one block per matrix: row and column statistics from their partials (each combined
-// by one thread in tile order), the mean of the rows, then the factors.
-template <typename S>
+// by one thread in tile order), the mean of the rows, then the factors. A shard's phase 1
+// (kPhase, kernel_args.h) stops at the new row statistics (kept in the row factors' slots) and
+// writes [their sum, the column sums] to the sums; its phase 2 takes the factors from the whole
+// sums.
+template <typename S, int kPhase>
 __global__ void __launch_bounds__(kThreads) factors_kernel(AdafactorArgs a) {
   if (skipped(a)) return;
   __shared__ float mean_r;
@@ -124,34 +127,50 @@ __global__ void __launch_bounds__(kThreads) factors_kernel(AdafactorArgs a) {
   const AdafactorStatWeights sw = adafactor_stat_weights(*t.step + 1.0, h.decay);
   float* rf = a.factors + t.factors + b * t.rows;
   float* cf = a.factors + t.factors + t.batch * t.rows + b * t.cols;
-  double sum_r = 0.0;
-  for (int64_t i = threadIdx.x; i < t.rows; i += kThreads) {
-    const float* p = a.row_partials + t.row_partials + (b * t.rows + i) * t.col_tiles;
-    double s = 0.0;
-    for (int64_t k = 0; k < t.col_tiles; ++k) s += p[k];
-    const int64_t at = b * t.rows + i;
-    const float r = adafactor_stat_update(load<S>(t.row, at),
-                                          static_cast<float>(s / static_cast<double>(t.cols)), sw,
-                                          h.transformers);
-    store<S>(t.row, at, r);
-    rf[i] = r;  // replaced by the factor once the mean is known
-    sum_r += r;
+  double* stats = kPhase == 0 ? nullptr : a.sums + t.stats_at + b * (t.cols + 1);
+  const auto global_rows = static_cast<double>(t.global_rows);
+  if (kPhase != 2) {
+    double sum_r = 0.0;
+    for (int64_t i = threadIdx.x; i < t.rows; i += kThreads) {
+      const float* p = a.row_partials + t.row_partials + (b * t.rows + i) * t.col_tiles;
+      double s = 0.0;
+      for (int64_t k = 0; k < t.col_tiles; ++k) s += p[k];
+      const int64_t at = b * t.rows + i;
+      const float r = adafactor_stat_update(load<S>(t.row, at),
+                                            static_cast<float>(s / static_cast<double>(t.cols)), sw,
+                                            h.transformers);
+      store<S>(t.row, at, r);
+      rf[i] = r;  // replaced by the factor once the mean is known (by this thread)
+      sum_r += r;
+    }
+    sum_r = cuda::block_reduce<kThreads>(sum_r, [](double p, double q) { return p + q; });
+    if (threadIdx.x == 0) {
+      if (kPhase == 1) stats[0] = sum_r;
+      mean_r = static_cast<float>(sum_r / global_rows);
+    }
+  } else if (threadIdx.x == 0) {
+    mean_r = static_cast<float>(stats[0] / global_rows);
   }
-  sum_r = cuda::block_reduce<kThreads>(sum_r, [](double p, double q) { return p + q; });
-  if (threadIdx.x == 0) mean_r = static_cast<float>(sum_r / static_cast<double>(t.rows));
   __syncthreads();
   const float eps1 = static_cast<float>(h.eps1);
-  for (int64_t i = threadIdx.x; i < t.rows; i += kThreads) {
+  for (int64_t i = threadIdx.x; kPhase != 1 && i < t.rows; i += kThreads) {
     rf[i] = adafactor_row_factor(rf[i], mean_r, eps1, h.transformers);
   }
   for (int64_t j = threadIdx.x; j < t.cols; j += kThreads) {
-    const float* p = a.col_partials + t.col_partials + b * t.row_tiles * t.cols + j;
     double s = 0.0;
-    for (int64_t k = 0; k < t.row_tiles; ++k) s += p[k * t.cols];
+    if (kPhase == 2) {
+      s = stats[1 + j];
+    } else {
+      const float* p = a.col_partials + t.col_partials + b * t.row_tiles * t.cols + j;
+      for (int64_t k = 0; k < t.row_tiles; ++k) s += p[k * t.cols];
+    }
+    if (kPhase == 1) {
+      stats[1 + j] = s;
+      continue;
+    }
     const int64_t at = b * t.cols + j;
-    const float c = adafactor_stat_update(load<S>(t.col, at),
-                                          static_cast<float>(s / static_cast<double>(t.rows)), sw,
-                                          h.transformers);
+    const float c = adafactor_stat_update(load<S>(t.col, at), static_cast<float>(s / global_rows),
+                                          sw, h.transformers);
     store<S>(t.col, at, c);
     cf[j] = adafactor_col_factor(c);
   }
@@ -177,8 +196,23 @@ __global__ void __launch_bounds__(kThreads) unorm_kernel(AdafactorArgs a) {
   if (threadIdx.x == 0) a.tile_partials[2 * w + 1] = acc;
 }
 
-// Phase 4, one block per tensor: its tiles' partials in a fixed order, the apply scalars, the
-// RMS state; advances the step (no other phase reads it after this one).
+// A shard's phases 1 and 2, one block per tensor: the sum of its tiles' partials of theta^2
+// (slot 0, to sums[tensor]) or of u^2 (slot 1, to sums[u_sq_at + tensor]).
+__global__ void __launch_bounds__(kThreads) tensor_sums_kernel(AdafactorArgs a, int slot) {
+  if (skipped(a)) return;
+  const int32_t i = blockIdx.x;
+  const int64_t end = i + 1 < a.n_tensors ? a.tensors[i + 1].first_tile : a.n_tiles;
+  double acc = 0.0;
+  for (int64_t k = a.tensors[i].first_tile + threadIdx.x; k < end; k += kThreads) {
+    acc += a.tile_partials[2 * k + slot];
+  }
+  acc = cuda::block_reduce<kThreads>(acc, [](double p, double q) { return p + q; });
+  if (threadIdx.x == 0) a.sums[(slot == 0 ? 0 : a.u_sq_at) + i] = acc;
+}
+
+// Phase 4, one block per tensor: its tiles' partials in a fixed order (a shard's phase 3: the
+// whole sums), the apply scalars, the RMS state; advances the step (no other phase reads it
+// after this one).
 __global__ void __launch_bounds__(kThreads) scalars_kernel(AdafactorArgs a) {
   if (skipped(a)) return;
   const int32_t i = blockIdx.x;
@@ -193,6 +227,10 @@ __global__ void __launch_bounds__(kThreads) scalars_kernel(AdafactorArgs a) {
   theta_sq = cuda::block_reduce<kThreads>(theta_sq, add);
   __syncthreads();  // block_reduce's shared buffer is reused by the second reduction
   u_sq = cuda::block_reduce<kThreads>(u_sq, add);
+  if (a.phase == 3) {
+    theta_sq = a.sums[i];
+    u_sq = a.sums[a.u_sq_at + i];
+  }
   if (threadIdx.x == 0) {
     double lr = a.lr;
     if (a.lr_ptr != nullptr) {
@@ -201,8 +239,9 @@ __global__ void __launch_bounds__(kThreads) scalars_kernel(AdafactorArgs a) {
     }
     const float step = *t.step;
     float rms = 0.0f;
-    if (t.numel > 0) {
-      a.apply[i] = adafactor_apply_scalars(a.hyper, theta_sq, u_sq, t.numel, step + 1.0, lr, &rms);
+    if (t.global_numel > 0) {
+      a.apply[i] =
+          adafactor_apply_scalars(a.hyper, theta_sq, u_sq, t.global_numel, step + 1.0, lr, &rms);
     }
     if (t.rms != nullptr) *t.rms = rms;
     *t.step = step + 1.0f;
@@ -232,15 +271,7 @@ __global__ void __launch_bounds__(kThreads) apply_kernel(AdafactorArgs a) {
 }
 
 template <typename P, typename S>
-void launch_all(const AdafactorArgs& a, cudaStream_t stream) {
-  const unsigned int tiles = cuda::grid_for_items(a.n_tiles, "adafactor_cuda");
-  stats_kernel<P, S><<<tiles, kThreads, 0, stream>>>(a);
-  if (a.n_matrices > 0) {
-    const unsigned int matrices = cuda::grid_for_items(a.n_matrices, "adafactor_cuda");
-    factors_kernel<S><<<matrices, kThreads, 0, stream>>>(a);
-  }
-  unorm_kernel<P, S><<<tiles, kThreads, 0, stream>>>(a);
-  scalars_kernel<<<static_cast<unsigned int>(a.n_tensors), kThreads, 0, stream>>>(a);
+void launch_apply(const AdafactorArgs& a, unsigned int tiles, cudaStream_t stream) {
   if (!a.hyper.transformers) {
     apply_kernel<P, S, false, false><<<tiles, kThreads, 0, stream>>>(a);
   } else if (a.hyper.has_beta1) {
@@ -250,16 +281,45 @@ void launch_all(const AdafactorArgs& a, cudaStream_t stream) {
   }
 }
 
+// The phases' launches: the whole step in one call (phase 0), or one of a shard's three calls.
+template <typename P, typename S>
+void launch_all(const AdafactorArgs& a, cudaStream_t stream) {
+  const unsigned int tiles = cuda::grid_for_items(a.n_tiles, "adafactor_cuda");
+  const unsigned int matrices = cuda::grid_for_items(a.n_matrices, "adafactor_cuda");
+  const auto tensors = static_cast<unsigned int>(a.n_tensors);
+  // A shard may hold no tile (every tensor empty here) or no matrix: such launches are left out.
+  const bool has_tiles = tiles > 0, has_matrices = matrices > 0;
+  switch (a.phase) {
+    case 0:
+      stats_kernel<P, S><<<tiles, kThreads, 0, stream>>>(a);
+      if (has_matrices) factors_kernel<S, 0><<<matrices, kThreads, 0, stream>>>(a);
+      unorm_kernel<P, S><<<tiles, kThreads, 0, stream>>>(a);
+      scalars_kernel<<<tensors, kThreads, 0, stream>>>(a);
+      launch_apply<P, S>(a, tiles, stream);
+      break;
+    case 1:
+      if (has_tiles) stats_kernel<P, S><<<tiles, kThreads, 0, stream>>>(a);
+      if (has_matrices) factors_kernel<S, 1><<<matrices, kThreads, 0, stream>>>(a);
+      tensor_sums_kernel<<<tensors, kThreads, 0, stream>>>(a, 0);
+      break;
+    case 2:
+      if (has_matrices) factors_kernel<S, 2><<<matrices, kThreads, 0, stream>>>(a);
+      if (has_tiles) unorm_kernel<P, S><<<tiles, kThreads, 0, stream>>>(a);
+      tensor_sums_kernel<<<tensors, kThreads, 0, stream>>>(a, 1);
+      break;
+    default:
+      scalars_kernel<<<tensors, kThreads, 0, stream>>>(a);
+      if (has_tiles) launch_apply<P, S>(a, tiles, stream);
+  }
+}
+
 }  // namespace
 
 void adafactor_cuda(const AdafactorArgs& args, cudaStream_t stream) {
   if (args.n_tensors == 0) return;
   if (args.tensors == nullptr || args.tiles == nullptr || args.tile_partials == nullptr ||
-      args.apply == nullptr) {
+      args.apply == nullptr || (args.phase != 0 && args.sums == nullptr)) {
     throw std::invalid_argument("fused_optim: adafactor_cuda: missing plan or scratch buffers");
-  }
-  if (args.phase != 0) {
-    throw std::invalid_argument("fused_optim: adafactor_cuda: sharded phases are not built yet");
   }
   cuda::dispatch_dtype(args.param_dtype, [&](auto param_tag) {
     cuda::dispatch_dtype(args.state_dtype, [&](auto state_tag) {
