@@ -33,13 +33,16 @@ BASELINE = "torch fused AdamW"
 
 def candidates():
     import fused_optim
+    from fused_optim import transformers as hf
 
     return {
         BASELINE: lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True),
         "fused_optim AdamW cpu": lambda ps: fused_optim.AdamW(ps, lr=1e-3, backend="cpu"),
         "fused_optim SMMF cpu": lambda ps: fused_optim.SMMF(ps, lr=1e-3, backend="cpu"),
         "fused_optim SMMF reference": lambda ps: fused_optim.SMMF(ps, lr=1e-3, backend="reference"),
-        "fused_optim Adafactor (reference on shards)": lambda ps: fused_optim.Adafactor(ps),
+        "fused_optim Adafactor cpu": lambda ps: fused_optim.Adafactor(ps, backend="cpu"),
+        "fused_optim Adafactor reference": lambda ps: fused_optim.Adafactor(ps, backend="reference"),
+        "fused_optim transformers.Adafactor cpu": lambda ps: hf.Adafactor(ps, backend="cpu"),
     }
 
 

@@ -826,10 +826,8 @@ class _Rank:
             exp_avgs, rmss = whole.states[3:]
             self.states += [mine(exp_avgs, range(len(exp_avgs))), [t.clone() for t in rmss]]
         self.steps = [s.clone() for s in whole.steps]
-        row_len = [p.shape[1:].numel() for p in whole.params]
         self.matrices = [whole.params[i] for i in factored]
-        offsets = [lo * n for (lo, _), n in zip(lo_hi, row_len, strict=True)]
-        self.layout = ShardSums(self.params, [p.shape for p in whole.params], offsets)
+        self.layout = ShardSums(self.params, [p.shape for p in whole.params])
 
     def replicated(self) -> list:
         """The states every rank holds whole, and the steps."""
@@ -842,19 +840,20 @@ def _sharded_step(whole: State, grads, backend: str, **kw) -> list[_Rank]:
     added between phases as the all-reduces would."""
     ranks = [_Rank(whole, r) for r in range(RANKS)]
     fn = getattr(_backends.get(backend, whole.params[0].device), KERNELS[whole.flavour])
-    n, device = len(whole.params), whole.params[0].device
+    device = whole.params[0].device
     sums = [torch.zeros(r.layout.size, dtype=torch.float64, device=device) for r in ranks]
     carries = [torch.full((r.layout.carry_size,), float("nan"), device=device) for r in ranks]
-    for phase, part in ((1, slice(0, -n)), (2, slice(-n, None)), (3, None)):
+    for phase in (1, 2, 3):
         for r, rank in enumerate(ranks):
             mine = [g[c[r] : c[r + 1]] if g.dim() else g for g, c in zip(grads, rank.cuts, strict=True)]
             args = dict(global_numels=rank.layout.global_numels, stats_at=rank.layout.stats_at, **kw)
             args.update(phase=phase, sums=sums[r], carry=carries[r])
             fn(rank.params, mine, *rank.states, rank.steps, **args)
-        if part is not None:
-            total = sum(s[part] for s in sums)
-            for s in sums:
-                s[part] = total
+        if phase < 3:  # what one all-reduce would do
+            parts = [s[r.layout.reduced[phase - 1]] for s, r in zip(sums, ranks, strict=True)]
+            total = sum(parts)
+            for part in parts:
+                part.copy_(total)
     return ranks
 
 

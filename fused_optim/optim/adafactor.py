@@ -143,8 +143,7 @@ class AdafactorFamily(FusedOptimizer):
             fn = functools.partial(getattr(_reference, self.KERNEL), **self._shard_args(bucket))
         elif bucket.shard_key is not None:
             shapes = [p.shape for p in bucket.dtensors]
-            offsets = [_distributed.flat_offset(p) for p in bucket.dtensors]
-            return ShardSums(params, shapes, offsets).run(fn, lists, bucket.shard_key)
+            return ShardSums(params, shapes).run(fn, lists, bucket.shard_key)
 
         def run(grads, **kw):
             fn(params, grads, *lists, **kw)
@@ -169,48 +168,50 @@ class AdafactorFamily(FusedOptimizer):
 
 
 class ShardSums:
-    """Where the sums of an Adafactor step over this rank's shards (FSDP2, Shard(0)) of params go
-    that span ranks, flat in float64, and the step as the fused kernels take it: three calls
-    (phases), the first two followed by one all-reduce each, whatever the number of params.
+    """Where the sums of an Adafactor step over this rank's shards (FSDP2, Shard(0)) of params go,
+    flat in float64, and the step as the fused kernels take it: three calls (phases), the first two
+    followed by one all-reduce each, whatever the number of params.
 
-    Layout, for N params: [sum of theta^2 per param (N) | per matrix of each param with ndim >= 2,
-    in the whole param's matrix order: the sum of its row statistics, its column sums of s
-    (cols + 1) | sum of u^2 per param (N)]. A matrix (ndim 2) is split by rows between ranks, all
-    adding to the same slots; a batch of matrices (ndim >= 3) is split by matrix, a rank writing
-    only its own matrices' slots, zero elsewhere. Phase 1 writes all but the sums of u^2, reduced
-    after it; phase 2 the sums of u^2, reduced after it; phase 3 applies the update. `carry`
-    (float32) holds the row and column factors of the rank's matrices from phase 1 to phase 3."""
+    Layout, for N params: [sum of theta^2 per param (N) | per matrix param (ndim 2): the sum of
+    its new row statistics, its column sums of s (cols + 1) | per matrix of this rank's batches of
+    matrices (ndim >= 3): the same | sum of u^2 per param (N)]. A matrix is split by rows between
+    ranks, whose sums add up; a batch of matrices is split by matrix, each whole on one rank, so
+    its sums are the rank's own and are never reduced (`reduced`: the two parts that are). Phase 1
+    writes all but the sums of u^2, phase 2 those, phase 3 applies the update. `carry` (float32)
+    holds the row and column factors of the rank's matrices from phase 1 to phase 3."""
 
-    def __init__(self, shards, shapes, offsets):
-        """shards: the rank's local tensors of params of the given global shapes, each starting
-        at its offset in the flattened param (dim-0 shards: whole rows)."""
+    def __init__(self, shards, shapes):
+        """shards: the rank's local tensors (dim-0 shards: whole rows) of params of these shapes."""
         n = len(shards)
-        self.n, self.device, self.shards = n, shards[0].device, shards
+        self.device, self.shards = shards[0].device, shards
         self.global_numels = [math.prod(shape) for shape in shapes]
-        self.stats_at, at, carry = [], n, 0
-        for shard, shape, offset, numel in zip(shards, shapes, offsets, self.global_numels, strict=True):
-            if len(shape) < 2 or numel == 0:
-                self.stats_at.append(-1)
-                continue
-            rows, cols = shape[-2:]
-            first = offset // (rows * cols) if len(shape) >= 3 else 0
-            self.stats_at.append(at + first * (cols + 1))
-            at += numel // (rows * cols) * (cols + 1)
-            carry += shard.shape[:-2].numel() * (shard.shape[-2] + cols)
+        sizes = zip(shapes, self.global_numels, strict=True)
+        matrices = [len(shape) >= 2 and numel > 0 for shape, numel in sizes]
+        self.stats_at, at, carry = [-1] * n, n, 0
+        split_end = n
+        for split in (True, False):  # the matrices split between ranks first, then the rank's own
+            for i, (shard, shape) in enumerate(zip(shards, shapes, strict=True)):
+                if matrices[i] and (len(shape) == 2) == split:
+                    rows, cols = shard.shape[-2:]
+                    self.stats_at[i] = at
+                    at += shard.shape[:-2].numel() * (cols + 1)
+                    carry += shard.shape[:-2].numel() * (rows + cols)
+            split_end = at if split else split_end
         self.size, self.carry_size = at + n, carry
+        self.reduced = (slice(0, split_end), slice(at, at + n))
 
     def run(self, fn, lists, key):
         """The step of backend function fn over the shards with their compact state lists."""
-        n, params = self.n, self.shards
+        params = self.shards
         args = dict(global_numels=self.global_numels, stats_at=self.stats_at)
 
         def run(grads, **kw):
             sums = torch.zeros(self.size, dtype=torch.float64, device=self.device)
             carry = torch.empty(self.carry_size, dtype=torch.float32, device=self.device)
-            for phase, reduced in ((1, sums[:-n]), (2, sums[-n:]), (3, None)):
+            for phase, reduced in ((1, self.reduced[0]), (2, self.reduced[1]), (3, None)):
                 fn(params, grads, *lists, phase=phase, sums=sums, carry=carry, **args, **kw)
                 if reduced is not None:
-                    _distributed.all_reduce(reduced, key)
+                    _distributed.all_reduce(sums[reduced], key)
 
         return run
 
