@@ -87,6 +87,17 @@ def all_reduce(t: torch.Tensor, key, op: str = "sum") -> torch.Tensor:
     return t
 
 
+def all_reduce_together(parts: list, key) -> None:
+    """Sums each float64 tensor of `parts` over the mesh of `key` in place, with one collective
+    (per sharded mesh dim) for all of them."""
+    if len(parts) == 1:
+        all_reduce(parts[0], key)
+        return
+    flat = all_reduce(torch.cat([t.reshape(-1) for t in parts]), key)
+    for t, part in zip(parts, flat.split([t.numel() for t in parts]), strict=True):
+        t.copy_(part.view_as(t))
+
+
 def grad_mismatch(grads: list, params: list) -> str | None:
     """Says which grad of a DTensor param is not laid out as its param (FSDP2 reduce-scatters
     grads so; the kernels pair local shards element by element), or None when all are."""

@@ -108,11 +108,21 @@ def sharded_and_single(depth: int = 1):
     return sharded, single
 
 
-def case_optimizer(name, clip, backend="auto"):
+def two_groups(params) -> list:
+    """The matrices, and the other params in a group of their own with other hyper-parameters."""
+    params = list(params)
+    return [
+        {"params": [p for p in params if p.dim() >= 2]},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.05},
+    ]
+
+
+def case_optimizer(name, clip, backend="auto", groups=False):
     sharded, single = sharded_and_single()
     kw = dict(max_grad_norm=clip, backend=backend)
-    train(sharded, OPTIMIZERS[name](sharded.parameters(), **kw), STEPS)
-    train(single, OPTIMIZERS[name](single.parameters(), **kw), STEPS)
+    params_of = two_groups if groups else list
+    train(sharded, OPTIMIZERS[name](params_of(sharded.parameters()), **kw), STEPS)
+    train(single, OPTIMIZERS[name](params_of(single.parameters()), **kw), STEPS)
     return max_rel(sharded, single)
 
 
@@ -174,12 +184,13 @@ class _CountCollectives:
             setattr(dist, name, fn)
 
 
-def case_collectives(name, clip):
+def case_collectives(name, clip, groups=False):
     """Collectives in one step of a model with 2 and with 8 sharded layers: [small, large]."""
     counts = []
     for depth in (1, 7):
         sharded, _ = sharded_and_single(depth)
-        opt = OPTIMIZERS[name](sharded.parameters(), max_grad_norm=clip)
+        params = two_groups(sharded.parameters()) if groups else sharded.parameters()
+        opt = OPTIMIZERS[name](params, max_grad_norm=clip)
         train(sharded, opt, 1)
         sharded(inputs(1)).backward()
         with _CountCollectives() as c:
@@ -457,6 +468,9 @@ def cases() -> dict:
     for name in ("AdamW", "Adafactor", "HFAdafactor", "SMMF"):
         out[f"collectives-{name}-clip1.0"] = lambda n=name: case_collectives(n, 1.0)
         out[f"collectives-{name}-clipNone"] = lambda n=name: case_collectives(n, None)
+        out[f"collectives-{name}-groups"] = lambda n=name: case_collectives(n, None, groups=True)
+    for name in ("Adafactor", "HFAdafactor-beta1-lr", "SMMF"):
+        out[f"fsdp-{name}-groups"] = lambda n=name: case_optimizer(n, 0.1, groups=True)
     for name in ("AdamW", "Adafactor", "HFAdafactor-beta1-lr", "SMMF", "SMMF-dense-adam"):
         out[f"state_dict_full-{name}"] = lambda n=name: case_state_dict_full(n)
         out[f"dcp-{name}"] = lambda n=name: case_dcp_round_trip(n)

@@ -61,6 +61,11 @@ def test_fsdp2_matches_one_process(results, name, clip):
     assert outcome(results, f"fsdp-{name}-clip{clip}") <= RTOL
 
 
+@pytest.mark.parametrize("name", ["Adafactor", "HFAdafactor-beta1-lr", "SMMF"])
+def test_fsdp2_with_two_param_groups_matches_one_process(results, name):
+    assert outcome(results, f"fsdp-{name}-groups") <= RTOL
+
+
 @pytest.mark.parametrize("name", ["AdamW", "Adafactor", "SMMF"])
 def test_hsdp_2d_mesh_matches_one_process(results, name):
     assert outcome(results, f"hsdp-{name}-clip0.1") <= RTOL
@@ -91,6 +96,8 @@ def test_collectives_per_step_do_not_grow_with_tensor_count(results, name, witho
     # the sums of U² in a second; SMMF's row and column sums of |M| and V of every param in one
     assert outcome(results, f"collectives-{name}-clip1.0") == [without_clip + 1] * 2
     assert outcome(results, f"collectives-{name}-clipNone") == [without_clip] * 2
+    # two param groups: their sums go in the same all-reduces
+    assert outcome(results, f"collectives-{name}-groups") == [without_clip] * 2
 
 
 @pytest.mark.parametrize("name", ["AdamW", *FACTORED])

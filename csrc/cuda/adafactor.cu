@@ -219,7 +219,8 @@ __global__ void __launch_bounds__(kThreads) scalars_kernel(AdafactorArgs a) {
   const AdafactorTensor t = a.tensors[i];
   const int64_t end = i + 1 < a.n_tensors ? a.tensors[i + 1].first_tile : a.n_tiles;
   double theta_sq = 0.0, u_sq = 0.0;
-  for (int64_t k = t.first_tile + threadIdx.x; k < end; k += kThreads) {
+  // (a shard's phase 3 has no partials: its sums are read below)
+  for (int64_t k = t.first_tile + threadIdx.x; a.phase != 3 && k < end; k += kThreads) {
     theta_sq += a.tile_partials[2 * k];
     u_sq += a.tile_partials[2 * k + 1];
   }

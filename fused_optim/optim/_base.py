@@ -2,6 +2,7 @@
 global-norm clipping folded into the update, the GradScaler fused protocol, validation."""
 
 import bisect
+import contextlib
 import math
 import operator
 import re
@@ -647,25 +648,56 @@ class FusedOptimizer(torch.optim.Optimizer):
             return loss
 
         coefs = self._clip_coefficients(work, grad_scale) if self.max_grad_norm is not None else {}
+        sharded = []  # (group index, bucket, the generator of its step)
         for gi, group, bucket, grads in work:
             backend = self._backend_of(bucket)
             if bucket.backend is not backend or compiling:
                 op_only = compiling or bucket.traced
                 bucket.backend, bucket.run = backend, self._make_run(backend, bucket, group, op_only)
-            try:
-                bucket.run(
+            with self._errors_in_group_terms(gi, bucket):
+                steps = bucket.run(
                     grads,
                     **self._hyper(group),
                     grad_scale=_on(grad_scale, bucket.device),
                     found_inf=_on(found_inf, bucket.device),
                     clip_coef=coefs.get(bucket.device),
                 )
-            except (RuntimeError, TypeError, ValueError) as exc:
-                mapped = _in_group_terms(exc, gi, bucket.index, self._state_list_names)
-                if mapped is exc:
-                    raise
-                raise mapped from exc
+            if steps is not None:
+                sharded.append((gi, bucket, steps))
+        if sharded:
+            self._step_in_lockstep(sharded)
         return loss
+
+    @contextlib.contextmanager
+    def _errors_in_group_terms(self, gi: int, bucket: Bucket):
+        try:
+            yield
+        except (RuntimeError, TypeError, ValueError) as exc:
+            mapped = _in_group_terms(exc, gi, bucket.index, self._state_list_names)
+            if mapped is exc:
+                raise
+            raise mapped from exc
+
+    def _step_in_lockstep(self, sharded) -> None:
+        """The steps of sharded buckets (FSDP2) whose sums span ranks: each a generator that
+        yields (sums, shard key) where it needs the sums all-reduced over the mesh. They advance
+        together, and the sums they yield at the same point over the same mesh go in ONE
+        all-reduce, so the collectives of a step do not grow with the number of param groups
+        and dtypes either (every rank builds the same buckets in the same order)."""
+        live = sharded
+        while live:
+            waiting = []  # (group index, bucket, generator, sums, key)
+            for gi, bucket, steps in live:
+                with self._errors_in_group_terms(gi, bucket):
+                    got = next(steps, None)
+                if got is not None:
+                    waiting.append((gi, bucket, steps, *got))
+            by_key = defaultdict(list)
+            for *_, sums, key in waiting:
+                by_key[key].append(sums)
+            for key, parts in by_key.items():
+                _distributed.all_reduce_together(parts, key)
+            live = [(gi, bucket, steps) for gi, bucket, steps, _, _ in waiting]
 
     def _clip_coefficients(self, work, grad_scale) -> dict:
         """Global norm over every gradient of the step; one clip coefficient per device. The

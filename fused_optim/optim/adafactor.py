@@ -170,7 +170,8 @@ class AdafactorFamily(FusedOptimizer):
 class ShardSums:
     """Where the sums of an Adafactor step over this rank's shards (FSDP2, Shard(0)) of params go,
     flat in float64, and the step as the fused kernels take it: three calls (phases), the first two
-    followed by one all-reduce each, whatever the number of params.
+    followed by one all-reduce each, whatever the number of params (shared with the optimizer's
+    other buckets: FusedOptimizer._step_in_lockstep).
 
     Layout, for N params: [sum of theta^2 per param (N) | per matrix param (ndim 2): the sum of
     its new row statistics, its column sums of s (cols + 1) | per matrix of this rank's batches of
@@ -206,12 +207,13 @@ class ShardSums:
         args = dict(global_numels=self.global_numels, stats_at=self.stats_at)
 
         def run(grads, **kw):
+            # a generator: the optimizer all-reduces what it yields, with the other buckets' sums
             sums = torch.zeros(self.size, dtype=torch.float64, device=self.device)
             carry = torch.empty(self.carry_size, dtype=torch.float32, device=self.device)
             for phase, reduced in ((1, self.reduced[0]), (2, self.reduced[1]), (3, None)):
                 fn(params, grads, *lists, phase=phase, sums=sums, carry=carry, **args, **kw)
                 if reduced is not None:
-                    _distributed.all_reduce(sums[reduced], key)
+                    yield sums[reduced], key
 
         return run
 

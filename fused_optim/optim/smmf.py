@@ -338,7 +338,8 @@ class SMMF(AdafactorFamily):
     def _make_run(self, backend, bucket, group, op_only: bool):
         """Shards of FSDP2 params: the backend's step over this rank's runs of the square-matricized
         params adds their raw row and column sums to one flat buffer, reduced over the mesh with
-        one all-reduce, from which every rank writes the same new factors (SmmfSums.finish)."""
+        one all-reduce (shared with the other buckets: FusedOptimizer._step_in_lockstep), from
+        which every rank writes the same new factors (SmmfSums.finish)."""
         if bucket.shard_key is None:
             return super()._make_run(backend, bucket, group, op_only)
         fn, params, lists = backend.smmf, bucket.params, self._lists(bucket.states)
@@ -352,9 +353,10 @@ class SMMF(AdafactorFamily):
         key = bucket.shard_key
 
         def run(grads, **kw):
+            # a generator: the optimizer all-reduces what it yields, with the other buckets' sums
             sums = layout.zeros()
             fn(params, grads, *lists, global_numels=numels, starts=starts, sums=sums, **kw)
-            _distributed.all_reduce(sums, key)
+            yield sums, key
             layout.finish(sums, row_ms, col_ms, row_vs, col_vs, found_inf=kw.get("found_inf"))
 
         return run
