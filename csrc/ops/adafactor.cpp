@@ -183,7 +183,8 @@ void adafactor_(at::TensorList params, at::TensorList grads, at::TensorList rows
       state(*col, "col_vars", r.batch * r.cols);
       r.row = layouts.contiguous(*row, true).data_ptr();
       r.col = layouts.contiguous(*col, true).data_ptr();
-      const TileShape shape = adafactor_tile_shape(std::max<int64_t>(r.rows, 1), r.cols, tile_elems);
+      const TileShape shape =
+          adafactor_tile_shape(std::max<int64_t>(r.rows, 1), r.cols, tile_elems);
       r.tile_rows = shape.rows;
       r.tile_cols = shape.cols;
       r.row_tiles = ceil_div(r.rows, shape.rows);
@@ -225,8 +226,9 @@ void adafactor_(at::TensorList params, at::TensorList grads, at::TensorList rows
                 "fused_optim: sums must be a contiguous 1-D float64 tensor of at least 2 * ", n,
                 " elements");
     for (const AdafactorTensor& r : records) {
-      const bool inside = r.stats_at >= static_cast<int64_t>(n) &&
-                          r.stats_at + r.batch * (r.cols + 1) <= out.numel() - static_cast<int64_t>(n);
+      const bool inside =
+          r.stats_at >= static_cast<int64_t>(n) &&
+          r.stats_at + r.batch * (r.cols + 1) <= out.numel() - static_cast<int64_t>(n);
       TORCH_CHECK(r.stats_at < 0 || inside, "fused_optim: stats_at points outside sums");
     }
     const at::Tensor& kept = *carry;
