@@ -2,6 +2,7 @@
 # package with its compiled extension), then does its job.
 #   make test    lint, compile every CUDA source with nvcc (when nvcc exists), run the tests
 #   make bench   the benchmark: fused_optim against torch.optim (CSV + PNG under bench/results/)
+#   make gpu-proof  on a GPU machine, with its own python3: build, tests, sanitizers, GPU bench
 # TORCH_SPEC picks the torch build (default: the CPU-tested 2.13.0) and takes effect on an existing
 # .venv too: the spec is recorded in .venv/.torch-spec, and a different one reinstalls torch and
 # rebuilds the extension (scripts/venv_torch.sh). PYTHON picks the interpreter for a new .venv.
@@ -31,7 +32,7 @@ TORCH_RECORD := $(VENV)/.torch-spec
 TOOLS_RECORD := $(VENV)/.tools
 SOURCES := $(shell find csrc fused_optim triton_kernels -type f \( -name '*.py' -o -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' \) ! -name _build_info.py) setup.py pyproject.toml
 
-.PHONY: setup test lint cuda-check pytest bench clean FORCE
+.PHONY: setup test lint cuda-check pytest bench gpu-proof clean FORCE
 
 setup: $(STAMP) $(TOOLS_RECORD)
 
@@ -93,6 +94,13 @@ bench: setup
 	echo "$(PY) bench/bench_smmf.py --csv $$csv $(BENCH_SMMF_ARGS)" && \
 	$(PY) bench/bench_smmf.py --csv $$csv $(BENCH_SMMF_ARGS) && \
 	$(PY) bench/plot.py $$csv
+
+# A lent GPU machine (issue 10): its own python3 (torch with CUDA, no network), no .venv.
+# STAGES: any of build, test, sanitize, bench; logs and results in $(GPU_OUT)/gpu_proof_*.tgz.
+STAGES ?= build test
+GPU_OUT ?= $(if $(OUT),$(OUT),/tmp/gpu_proof)
+gpu-proof:
+	OUT=$(GPU_OUT) PYTHON=$(PYTHON) bash scripts/gpu_proof.sh $(STAGES)
 
 clean:
 	rm -rf $(VENV) build *.egg-info fused_optim/*.so fused_optim/_build_info.py
