@@ -2,6 +2,7 @@
 that load both ways, schedulers, tensor lr, param groups, GradScaler, clipping, odd params."""
 
 import copy
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -265,3 +266,29 @@ def test_cached_plan_follows_moved_params_and_changed_grad_layouts(backend, devi
         ref.step()
         for p, q in zip(ours, theirs, strict=True):
             torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-6, atol=1e-7)
+
+
+def test_sharded_buckets_step_in_lockstep_and_stop_at_a_failing_one():
+    """FSDP2 buckets' steps (generators yielding sums to all-reduce) advance round by round; one
+    whose first call fails ends the step as in one process: the buckets before it finish, the
+    later ones never start, then the error is raised."""
+    events = []
+
+    def steps(name, fail=False):
+        if fail:
+            raise ValueError(f"bad input in {name}")
+        for r in range(2):
+            events.append((name, r))
+            yield torch.zeros(1, dtype=torch.float64), None  # no mesh: the reduce is a no-op
+        events.append((name, "done"))
+
+    opt = fused_optim.Adafactor([torch.nn.Parameter(torch.zeros(2, 2))])
+    bucket = SimpleNamespace(index=[0])
+    opt._step_in_lockstep([(0, bucket, steps("A")), (0, bucket, steps("B"))])
+    assert events == [("A", 0), ("B", 0), ("A", 1), ("B", 1), ("A", "done"), ("B", "done")]
+    events.clear()
+    with pytest.raises(ValueError, match="bad input in B"):
+        opt._step_in_lockstep(
+            [(0, bucket, steps("A")), (0, bucket, steps("B", True)), (0, bucket, steps("C"))]
+        )
+    assert events == [("A", 0), ("A", 1), ("A", "done")]

@@ -683,13 +683,22 @@ class FusedOptimizer(torch.optim.Optimizer):
         yields (sums, shard key) where it needs the sums all-reduced over the mesh. They advance
         together, and the sums they yield at the same point over the same mesh go in ONE
         all-reduce, so the collectives of a step do not grow with the number of param groups
-        and dtypes either (every rank builds the same buckets in the same order)."""
-        live = sharded
+        and dtypes either (every rank builds the same buckets in the same order).
+        A bucket whose first call fails (bad input, before it changes anything) ends the step as
+        in one process: the buckets before it finish their step, the others do not start, then
+        the error is raised."""
+        live, error = sharded, None
         while live:
             waiting = []  # (group index, bucket, generator, sums, key)
             for gi, bucket, steps in live:
-                with self._errors_in_group_terms(gi, bucket):
-                    got = next(steps, None)
+                try:
+                    with self._errors_in_group_terms(gi, bucket):
+                        got = next(steps, None)
+                except (RuntimeError, TypeError, ValueError) as exc:
+                    if live is not sharded:
+                        raise
+                    error = exc
+                    break
                 if got is not None:
                     waiting.append((gi, bucket, steps, *got))
             by_key = defaultdict(list)
@@ -698,6 +707,8 @@ class FusedOptimizer(torch.optim.Optimizer):
             for key, parts in by_key.items():
                 _distributed.all_reduce_together(parts, key)
             live = [(gi, bucket, steps) for gi, bucket, steps, _, _ in waiting]
+        if error is not None:
+            raise error
 
     def _clip_coefficients(self, work, grad_scale) -> dict:
         """Global norm over every gradient of the step; one clip coefficient per device. The
