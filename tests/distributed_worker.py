@@ -411,6 +411,38 @@ def case_ddp(name, clip):
     return max_rel(ddp.module, single)
 
 
+def case_error_order(name):
+    """A group whose step fails (a two-element lr tensor, refused by the kernels before they
+    change anything) beside a group of sharded params and one of plain params: which groups
+    stepped, [one process, FSDP2] for the failing group 0, then 1; they must agree."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    torch.manual_seed(0)
+    a, b, grad_a, grad_b = torch.randn(6, 4), torch.randn(5, 5), torch.randn(6, 4), torch.randn(5, 5)
+    outcome = []
+    for bad in (0, 1):
+        stepped = []
+        for sharded in (False, True):
+            pa = nn.Parameter(distribute_tensor(a, mesh, [Shard(0)]) if sharded else a.clone())
+            pa.grad = distribute_tensor(grad_a, mesh, [Shard(0)]) if sharded else grad_a.clone()
+            pb = nn.Parameter(b.clone())  # a plain param, the same on every rank
+            pb.grad = grad_b.clone()
+            opt = OPTIMIZERS[name]([{"params": [pa]}, {"params": [pb]}])
+            opt.param_groups[bad]["lr"] = torch.tensor([0.1, 0.2])
+            try:
+                opt.step()
+            except RuntimeError:
+                pass
+            else:
+                raise AssertionError("the step did not fail")
+            whole = pa.full_tensor() if sharded else pa
+            stepped.append([not torch.equal(whole.detach(), a), not torch.equal(pb.detach(), b)])
+        outcome.append(stepped)
+    return outcome
+
+
 def case_refusals():
     """What the optimizers refuse on DTensors, with the messages (one per check)."""
     from torch.distributed.device_mesh import init_device_mesh
@@ -480,6 +512,8 @@ def cases() -> dict:
     out["smmf-state-layout"] = case_smmf_state_layout
     out["ddp-AdamW-clip0.1"] = lambda: case_ddp("AdamW", 0.1)
     out["refusals"] = case_refusals
+    for name in ("AdamW", "Adafactor", "SMMF"):
+        out[f"error-order-{name}"] = lambda n=name: case_error_order(n)
     return out
 
 

@@ -133,6 +133,12 @@ def test_ddp_matches_one_process(results):
     assert outcome(results, "ddp-AdamW-clip0.1") <= RTOL
 
 
+@pytest.mark.parametrize("name", ["AdamW", "Adafactor", "SMMF"])
+def test_a_failing_group_stops_the_step_as_in_one_process(results, name):
+    # [failing group 0, failing group 1] x [one process, FSDP2] x [sharded group stepped, plain group stepped]
+    assert outcome(results, f"error-order-{name}") == [[[False, False]] * 2, [[True, False]] * 2]
+
+
 def test_refusals(results):
     m = outcome(results, "refusals")
     assert m["partial param"].startswith("NotImplementedError") and "Partial" in m["partial param"]

@@ -648,24 +648,27 @@ class FusedOptimizer(torch.optim.Optimizer):
             return loss
 
         coefs = self._clip_coefficients(work, grad_scale) if self.max_grad_norm is not None else {}
-        sharded = []  # (group index, bucket, the generator of its step)
+        calls = []  # (group index, bucket, grads, keyword arguments of its run)
         for gi, group, bucket, grads in work:
             backend = self._backend_of(bucket)
             if bucket.backend is not backend or compiling:
                 op_only = compiling or bucket.traced
                 bucket.backend, bucket.run = backend, self._make_run(backend, bucket, group, op_only)
+            kw = dict(
+                self._hyper(group),
+                grad_scale=_on(grad_scale, bucket.device),
+                found_inf=_on(found_inf, bucket.device),
+                clip_coef=coefs.get(bucket.device),
+            )
+            calls.append((gi, bucket, grads, kw))
+        if any(bucket.shard_key is not None for _, bucket, _, _ in calls):
+            # every bucket in the lockstep, in order: an error stops the step where it would
+            # in one process
+            self._step_in_lockstep([(gi, b, _steps_of(b.run, grads, kw)) for gi, b, grads, kw in calls])
+            return loss
+        for gi, bucket, grads, kw in calls:
             with self._errors_in_group_terms(gi, bucket):
-                steps = bucket.run(
-                    grads,
-                    **self._hyper(group),
-                    grad_scale=_on(grad_scale, bucket.device),
-                    found_inf=_on(found_inf, bucket.device),
-                    clip_coef=coefs.get(bucket.device),
-                )
-            if steps is not None:
-                sharded.append((gi, bucket, steps))
-        if sharded:
-            self._step_in_lockstep(sharded)
+                bucket.run(grads, **kw)
         return loss
 
     @contextlib.contextmanager
@@ -679,11 +682,12 @@ class FusedOptimizer(torch.optim.Optimizer):
             raise mapped from exc
 
     def _step_in_lockstep(self, sharded) -> None:
-        """The steps of sharded buckets (FSDP2) whose sums span ranks: each a generator that
-        yields (sums, shard key) where it needs the sums all-reduced over the mesh. They advance
-        together, and the sums they yield at the same point over the same mesh go in ONE
-        all-reduce, so the collectives of a step do not grow with the number of param groups
-        and dtypes either (every rank builds the same buckets in the same order).
+        """The steps of the buckets of a step with sharded ones (FSDP2), whose sums span ranks:
+        each a generator that yields (sums, shard key) where it needs the sums all-reduced over
+        the mesh (one that yields nothing steps at once). They advance together, and the sums
+        they yield at the same point over the same mesh go in ONE all-reduce, so the collectives
+        of a step do not grow with the number of param groups and dtypes either (every rank
+        builds the same buckets in the same order).
         A bucket whose first call fails (bad input, before it changes anything) ends the step as
         in one process: the buckets before it finish their step, the others do not start, then
         the error is raised."""
@@ -737,6 +741,14 @@ class FusedOptimizer(torch.optim.Optimizer):
         coef = torch.clamp(self.max_grad_norm / (norm + 1e-6), max=1.0)
         self.last_grad_norm = norm
         return {d: coef.to(d) for d, _ in results}
+
+
+def _steps_of(run, grads, kw):
+    """A bucket's step as a generator for FusedOptimizer._step_in_lockstep: a sharded bucket's own
+    (its run returns one), or the one call of any other; nothing runs before the first next()."""
+    steps = run(grads, **kw)
+    if steps is not None:
+        yield from steps
 
 
 def _in_group_terms(exc: Exception, gi: int, index: list[int], names=_STATE_LIST_NAME) -> Exception:
