@@ -251,8 +251,8 @@ struct Phases {
       double theta_sq = 0.0;
       if (t.factored) {
         col_acc.assign(static_cast<size_t>(x.n_cols), 0.0f);
-        // whole rows: r_i is known at each row's end (in one process: a shard's sum of u^2 is
-        // taken from the whole matrix's factors, in phase 3)
+        // whole rows: r_i is known at each row's end. One process only: a shard's sum of u^2
+        // needs the whole matrix's factors, so the unorm phase takes it.
         const bool closed = t.col_tiles == 1 && a.q_partials != nullptr;
         if (closed) q_acc.assign(static_cast<size_t>(x.n_cols), 0.0f);
         const AdafactorStatWeights sw = adafactor_stat_weights(*t.step + 1.0, h.decay);
@@ -396,9 +396,9 @@ struct Phases {
   // of u^2 (slot 1) to the sums.
   void tensor_sums(int32_t begin, int32_t end, int slot) {
     for (int32_t i = begin; i < end; ++i) {
-      const int64_t first = a.tensors[i].first_tile;
+      const int64_t first = a.tensors[i].first_tile, count = tile_count(i);
       double acc = 0.0;
-      for (int64_t k = 0; k < tile_count(i); ++k) acc += a.tile_partials[2 * (first + k) + slot];
+      for (int64_t k = 0; k < count; ++k) acc += a.tile_partials[2 * (first + k) + slot];
       a.sums[(slot == 0 ? 0 : a.u_sq_at) + i] = acc;
     }
   }
@@ -469,7 +469,7 @@ struct Phases {
         theta_sq = a.sums[i];
         u_sq = a.sums[a.u_sq_at + i];
       } else {
-        for (int64_t k = 0; k < tile_count(i); ++k) {
+        for (int64_t k = 0, count = tile_count(i); k < count; ++k) {
           theta_sq += a.tile_partials[2 * (t.first_tile + k)];
           u_sq += a.tile_partials[2 * (t.first_tile + k) + 1];
         }

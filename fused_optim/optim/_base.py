@@ -681,7 +681,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                 raise
             raise mapped from exc
 
-    def _step_in_lockstep(self, sharded) -> None:
+    def _step_in_lockstep(self, buckets) -> None:
         """The steps of the buckets of a step with sharded ones (FSDP2), whose sums span ranks:
         each a generator that yields (sums, shard key) where it needs the sums all-reduced over
         the mesh (one that yields nothing steps at once). They advance together, and the sums
@@ -691,7 +691,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         A bucket whose first call fails (bad input, before it changes anything) ends the step as
         in one process: the buckets before it finish their step, the others do not start, then
         the error is raised."""
-        live, error = sharded, None
+        live, error = buckets, None
         while live:
             waiting = []  # (group index, bucket, generator, sums, key)
             for gi, bucket, steps in live:
@@ -699,7 +699,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                     with self._errors_in_group_terms(gi, bucket):
                         got = next(steps, None)
                 except (RuntimeError, TypeError, ValueError) as exc:
-                    if live is not sharded:
+                    if live is not buckets:  # after the first round: not bad input
                         raise
                     error = exc
                     break

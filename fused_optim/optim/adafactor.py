@@ -189,7 +189,6 @@ class ShardSums:
         sizes = zip(shapes, self.global_numels, strict=True)
         matrices = [len(shape) >= 2 and numel > 0 for shape, numel in sizes]
         self.stats_at, at, carry = [-1] * n, n, 0
-        split_end = n
         for split in (True, False):  # the matrices split between ranks first, then the rank's own
             for i, (shard, shape) in enumerate(zip(shards, shapes, strict=True)):
                 if matrices[i] and (len(shape) == 2) == split:
@@ -197,7 +196,8 @@ class ShardSums:
                     self.stats_at[i] = at
                     at += shard.shape[:-2].numel() * (cols + 1)
                     carry += shard.shape[:-2].numel() * (rows + cols)
-            split_end = at if split else split_end
+            if split:
+                split_end = at
         self.size, self.carry_size = at + n, carry
         self.reduced = (slice(0, split_end), slice(at, at + n))
 
