@@ -539,13 +539,21 @@ def test_native_tiles(backend, flavour):
 def test_native_waves(backend, flavour, monkeypatch):
     """The CPU kernel runs its phases wave by wave (consecutive tensors that fit a cache budget,
     FUSED_OPTIM_CPU_WAVE_BYTES): one tensor per wave, a few per wave and one wave for all give
-    the same bits, and match the fp64 reference."""
+    the same bits, and match the fp64 reference. So do 1 and 3 threads, which split a wave's tiles
+    between them at other points (by elements)."""
     config = dict(weight_decay=0.1) if flavour == "torch" else dict(beta1=0.9)
     shapes = [(300, 500), (7,), (30, 20), (2, 40, 25), (9000,), (3, 5), (), (0, 4), (70000, 1)]
     results = []
     for budget in ["1", "40000", str(1 << 40)]:
         monkeypatch.setenv("FUSED_OPTIM_CPU_WAVE_BYTES", budget)
         results.append(_run_against_fp64(backend, flavour, config, shapes=shapes, steps=3))
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 3):
+            torch.set_num_threads(n)
+            results.append(_run_against_fp64(backend, flavour, config, shapes=shapes, steps=3))
+    finally:
+        torch.set_num_threads(threads)
     for other in results[1:]:
         mine = results[0].params + [t for lst in results[0].states for t in lst] + results[0].steps
         theirs = other.params + [t for lst in other.states for t in lst] + other.steps
