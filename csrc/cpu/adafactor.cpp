@@ -16,6 +16,7 @@
 // just read (in L1) and phase 2 finishes the sum in O(n + m). A matrix whose rows span column
 // tiles, or where the cap binds or a factor is not finite (zero rows, NaN), takes phase 3.
 #include <ATen/Parallel.h>
+#include <c10/util/Exception.h>
 #include <unistd.h>
 
 #ifdef _OPENMP
@@ -23,9 +24,11 @@
 #endif
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <memory>
 #include <utility>
 #include <vector>
 
@@ -191,12 +194,6 @@ int64_t wave_budget() {
   return half_l3;
 }
 
-// Thread `tid` of `n`'s share of [begin, end): contiguous.
-std::pair<int64_t, int64_t> share(int64_t begin, int64_t end, int tid, int n) {
-  const int64_t len = end - begin;
-  return {begin + len * tid / n, begin + len * (tid + 1) / n};
-}
-
 // Thread `tid` of `n`'s share of tiles [begin, end), `upto[w]` being the elements of the tiles
 // before w: contiguous, of about equal elements (a wave's tiles range from a bias to 64K), and
 // the same for every phase of a wave, so a tile is read by the same core in phases 1, 3 and 5.
@@ -212,20 +209,107 @@ std::pair<int64_t, int64_t> share_tiles(const std::vector<int64_t>& upto, int64_
   return {at(tid), at(tid + 1)};
 }
 
-// Runs body(tid, n_threads) once per thread of one parallel region (at::get_num_threads()
-// threads; one when already inside a parallel region or built without OpenMP).
+// The threads in_parallel_region runs: at::get_num_threads(), one when already inside a parallel
+// region or built without OpenMP.
+int region_threads() {
+#ifdef _OPENMP
+  return at::in_parallel_region() ? 1 : std::max(at::get_num_threads(), 1);
+#else
+  return 1;
+#endif
+}
+
+// Runs body(tid, n) once per thread of one parallel region of n = region_threads() threads.
 template <typename Body>
 void in_parallel_region(const Body& body) {
 #ifdef _OPENMP
-  const int n = at::in_parallel_region() ? 1 : at::get_num_threads();
+  const int n = region_threads();
   if (n > 1) {
 #pragma omp parallel num_threads(n)
-    body(omp_get_thread_num(), omp_get_num_threads());
+    body(omp_get_thread_num(), n);
     return;
   }
 #endif
   body(0, 1);
 }
+
+// A range of indices taken one at a time from either end by any thread: its owner from one end,
+// the others from the other end once their own ranges are used up.
+class TwoEnded {
+ public:
+  void reset(int64_t begin, int64_t end) {
+    base_ = begin;
+    ends_.store(pack(0, static_cast<uint32_t>(end - begin)), std::memory_order_relaxed);
+  }
+
+  // The next index from the back (or the front), or -1 when none is left.
+  int64_t take(bool back) {
+    uint64_t v = ends_.load(std::memory_order_relaxed);
+    for (;;) {
+      const uint32_t f = static_cast<uint32_t>(v), b = static_cast<uint32_t>(v >> 32);
+      if (f >= b) return -1;
+      if (ends_.compare_exchange_weak(v, back ? pack(f, b - 1) : pack(f + 1, b),
+                                      std::memory_order_relaxed)) {
+        return base_ + (back ? b - 1 : f);
+      }
+    }
+  }
+
+ private:
+  static uint64_t pack(uint32_t front, uint32_t back) { return uint64_t{back} << 32 | front; }
+  int64_t base_ = 0;
+  std::atomic<uint64_t> ends_{0};  // front in the low half, back in the high half
+};
+
+// How a region's threads share each wave's work. Tiles: per phase, one contiguous range per
+// thread of about equal elements (share_tiles), the same in every phase so that a tile is
+// re-read by the core that read it; a thread done with its range then takes what is left of the
+// others' from their far ends, so that the barrier after the phase does not wait on one core
+// while another idles (the two cores here drift apart by 2-6 ms a step over phase 1 alone).
+// Matrices: one at a time to whichever thread asks next.
+class Schedule {
+ public:
+  enum TilePass { kStats, kUnorm, kApply, kTilePasses };
+
+  Schedule(const std::vector<Wave>& waves, const std::vector<int64_t>& upto, int n)
+      : n_(n),
+        tiles_(new TwoEnded[waves.size() * kTilePasses * n]),
+        matrices_(new std::atomic<int64_t>[waves.size()]) {
+    for (size_t k = 0; k < waves.size(); ++k) {
+      const Wave& wv = waves[k];
+      TORCH_CHECK(wv.tile1 - wv.tile0 <= int64_t{UINT32_MAX}, "too many Adafactor tiles in a wave");
+      for (int tid = 0; tid < n; ++tid) {
+        const auto [t0, t1] = share_tiles(upto, wv.tile0, wv.tile1, tid, n);
+        for (int pass = 0; pass < kTilePasses; ++pass) ranges(k, pass)[tid].reset(t0, t1);
+      }
+      matrices_[k].store(wv.matrix0, std::memory_order_relaxed);
+    }
+  }
+
+  // f(w) for every tile w of wave k, over all threads calling it: first the thread's own range
+  // (first to last, or last to first), then the rest of the others'.
+  template <typename F>
+  void each_tile(size_t k, TilePass pass, int tid, bool last_first, const F& f) {
+    TwoEnded* r = ranges(k, pass);
+    for (int64_t w; (w = r[tid].take(last_first)) >= 0;) f(w);
+    for (int i = 1; i < n_; ++i) {
+      TwoEnded& other = r[(tid + i) % n_];
+      for (int64_t w; (w = other.take(!last_first)) >= 0;) f(w);
+    }
+  }
+
+  // f(m) for every matrix m of wave k, over all threads calling it.
+  template <typename F>
+  void each_matrix(const Wave& wv, size_t k, const F& f) {
+    for (int64_t m; (m = matrices_[k].fetch_add(1, std::memory_order_relaxed)) < wv.matrix1;) f(m);
+  }
+
+ private:
+  TwoEnded* ranges(size_t k, int pass) { return &tiles_[(k * kTilePasses + pass) * n_]; }
+  int n_;
+  std::unique_ptr<TwoEnded[]> tiles_;
+  std::unique_ptr<std::atomic<int64_t>[]> matrices_;
+};
 
 void barrier() {
 #ifdef _OPENMP
@@ -575,28 +659,29 @@ struct Phases {
 
   // One of the three calls of a sharded step (kernel_args.h: AdafactorArgs::phase), wave by
   // wave as run() (the sums of a wave's tensors are written by thread 0).
-  void run_shard_phase(const std::vector<Wave>& all, const std::vector<int64_t>& upto, double lr,
+  void run_shard_phase(const std::vector<Wave>& all, Schedule& plan, double lr,
                        void (Phases::*apply_fn)(int64_t, int64_t)) {
-    in_parallel_region([&](int tid, int n) {
+    in_parallel_region([&](int tid, int) {
       std::vector<float> col_acc, q_acc;
-      for (const Wave& wv : all) {
-        auto [t0, t1] = share_tiles(upto, wv.tile0, wv.tile1, tid, n);
-        auto [m0, m1] = share(wv.matrix0, wv.matrix1, tid, n);
+      for (size_t k = 0; k < all.size(); ++k) {
+        const Wave& wv = all[k];
         if (a.phase == 1) {
-          stats(t0, t1, col_acc, q_acc);
+          plan.each_tile(k, Schedule::kStats, tid, false,
+                         [&](int64_t w) { stats(w, w + 1, col_acc, q_acc); });
           barrier();
-          shard_stats(m0, m1);
+          plan.each_matrix(wv, k, [&](int64_t m) { shard_stats(m, m + 1); });
           if (tid == 0) tensor_sums(wv.tensor0, wv.tensor1, 0);
         } else if (a.phase == 2) {
-          shard_factors(m0, m1);
+          plan.each_matrix(wv, k, [&](int64_t m) { shard_factors(m, m + 1); });
           barrier();
-          unorm(t0, t1);
+          plan.each_tile(k, Schedule::kUnorm, tid, false, [&](int64_t w) { unorm(w, w + 1); });
           barrier();
           if (tid == 0) tensor_sums(wv.tensor0, wv.tensor1, 1);
         } else {
           if (tid == 0) scalars(wv.tensor0, wv.tensor1, lr);
           barrier();
-          (this->*apply_fn)(t0, t1);
+          plan.each_tile(k, Schedule::kApply, tid, true,
+                         [&](int64_t w) { (this->*apply_fn)(w, w + 1); });
         }
       }
     });
@@ -608,27 +693,28 @@ struct Phases {
                                                  : h.has_beta1   ? &Phases::apply<true, true>
                                                                  : &Phases::apply<true, false>;
     const std::vector<Wave> all = waves();
-    const std::vector<int64_t> upto = tile_elements_upto();
+    Schedule plan(all, tile_elements_upto(), region_threads());
     if (a.phase != 0) {
-      run_shard_phase(all, upto, lr, apply_fn);
+      run_shard_phase(all, plan, lr, apply_fn);
       return;
     }
-    in_parallel_region([&](int tid, int n) {
+    in_parallel_region([&](int tid, int) {
       std::vector<float> col_acc, q_acc;
       std::vector<double> col_sums;
-      for (const Wave& wv : all) {
-        auto [t0, t1] = share_tiles(upto, wv.tile0, wv.tile1, tid, n);
-        stats(t0, t1, col_acc, q_acc);
+      for (size_t k = 0; k < all.size(); ++k) {
+        const Wave& wv = all[k];
+        plan.each_tile(k, Schedule::kStats, tid, false,
+                       [&](int64_t w) { stats(w, w + 1, col_acc, q_acc); });
         barrier();
-        auto [m0, m1] = share(wv.matrix0, wv.matrix1, tid, n);
-        factors(m0, m1, col_sums);
+        plan.each_matrix(wv, k, [&](int64_t m) { factors(m, m + 1, col_sums); });
         barrier();
-        unorm(t0, t1);
+        plan.each_tile(k, Schedule::kUnorm, tid, false, [&](int64_t w) { unorm(w, w + 1); });
         barrier();
         if (tid == 0) scalars(wv.tensor0, wv.tensor1, lr);
         barrier();
         // No barrier after the update: the next wave touches other tensors and other slots.
-        (this->*apply_fn)(t0, t1);
+        plan.each_tile(k, Schedule::kApply, tid, true,
+                       [&](int64_t w) { (this->*apply_fn)(w, w + 1); });
       }
     });
   }
