@@ -2,8 +2,8 @@
 
     python bench/bench_adafactor.py [--cases gpt2-124m,2000x40x25] [--repeats N]
 
-Candidates, side by side in one process (the method of bench_adam.py: round-robin repetitions
-with a rotating start, warm-up first, medians and p10-p90):
+Candidates, side by side in one process (the method of bench_adam.py: every candidate once per
+repetition in a shuffled order, warm-up first, medians and p10-p90):
   fused_optim Adafactor <backend>               torch.optim.Adafactor's flavour, fused
   torch Adafactor foreach / for-loop            torch.optim.Adafactor
   fused_optim transformers.Adafactor <backend>  transformers' flavour, fused
@@ -34,7 +34,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from bench_adam import device_name, gpt2_small_shapes, make_timer, peak_gbps, sync, write_csv
+from bench_adam import (
+    device_name,
+    gpt2_small_shapes,
+    make_timer,
+    peak_gbps,
+    repetition_order,
+    sync,
+    write_csv,
+)
 
 import fused_optim
 import fused_optim.transformers
@@ -137,8 +145,7 @@ def run_case(name, shapes, cands, device, repeats, warmup, notes) -> int:
     gc.disable()
     try:
         for rep in range(repeats if live else 0):
-            k = rep % len(live)
-            for c in live[k:] + live[:k]:
+            for c in repetition_order(live, rep):
                 c.times_ms.append(timed(c.opt.step))
     finally:
         gc.enable()

@@ -3,9 +3,9 @@
     python bench/bench_adam.py [--cases gpt2-124m,2000x1000] [--dtype bfloat16] [--repeats N]
 
 Method. All candidates of a case are built side by side in one process. Each repetition steps every
-candidate once, round-robin, starting from a different candidate each time, so machine noise and
-ordering effects fall on all of them alike. Warm-up steps come first (the first step allocates the
-optimizer state). One step is timed with time.perf_counter on CPU, with CUDA events after a
+candidate once, in a new shuffled order (seeded by the repetition), so machine noise and ordering
+effects fall on all of them alike (a fixed round-robin gives each candidate the same predecessor
+every time). Warm-up steps come first (the first step allocates the optimizer state). One step is timed with time.perf_counter on CPU, with CUDA events after a
 synchronize on GPU (so host-side launch overhead counts). Reported: median and p10-p90 in ms; the
 speedup is median(torch fused) / median(candidate) from the same run. Gradients are filled once with
 randn and reused: the steps only read them, except torch's clip_grad_norm_, which rescales them in
@@ -26,6 +26,7 @@ import gc
 import importlib.util
 import math
 import platform
+import random
 import statistics
 import sys
 import time
@@ -196,6 +197,11 @@ def count_kernels(step: Callable[[], None], device: torch.device) -> int | None:
         return None
 
 
+def repetition_order(candidates: list, rep: int) -> list:
+    """The order in which repetition `rep` steps the candidates: a shuffle seeded by rep."""
+    return random.Random(rep).sample(candidates, len(candidates))
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -245,8 +251,7 @@ def run_case(case, cands, device, dtype, repeats, warmup, budget_bytes, notes) -
     gc.disable()  # no collector pauses inside timed steps
     try:
         for rep in range(repeats if live else 0):
-            k = rep % len(live)  # rotate the starting candidate
-            for c in live[k:] + live[:k]:
+            for c in repetition_order(live, rep):
                 c.times_ms.append(timed(c.step))
     finally:
         gc.enable()

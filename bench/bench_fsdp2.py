@@ -6,7 +6,7 @@ Spawns `--ranks` processes (gloo on 127.0.0.1, one thread each: on a 2-core mach
 per rank; with --device cuda, nccl and one GPU per rank, e.g. --ranks 1 on one GPU), shards a
 model holding the given parameter shapes with `fully_shard` (one module per
 param, as per-layer FSDP2 does), gives every param a random DTensor gradient, and times
-`opt.step()` of each candidate round-robin (warm-up first, a rotating start, medians). Each step
+`opt.step()` of each candidate once per round, in a shuffled order (warm-up first, medians). Each step
 ends with a barrier, so a time is the slowest rank's. Rank 0 prints the table and writes the CSV
 (bench/results/bench_fsdp2_<device>.csv). The ratio column is median(torch fused AdamW) / median.
 """
@@ -27,7 +27,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_adam import gpt2_small_shapes  # noqa: E402
+from bench_adam import gpt2_small_shapes, repetition_order  # noqa: E402
 
 BASELINE = "torch fused AdamW"
 
@@ -91,8 +91,8 @@ def worker(rank, world, port, shapes, repeats, out, device):
         runs[name] = (make(params), [])
     names = list(runs)
     for r in range(repeats + 1):  # the first round warms up (state creation, plans)
-        for k in range(len(names)):
-            opt, times = runs[names[(r + k) % len(names)]]
+        for name in repetition_order(names, r):  # the same order on every rank
+            opt, times = runs[name]
             sync()
             start = time.perf_counter()
             opt.step()

@@ -2,8 +2,8 @@
 
     python bench/bench_smmf.py [--cases gpt2-124m,2000x40x25] [--repeats N]
 
-Candidates, side by side in one process (bench_adafactor.py's method: round-robin repetitions with
-a rotating start, warm-up first, medians and p10-p90):
+Candidates, side by side in one process (bench_adam.py's method: every candidate once per
+repetition in a shuffled order, warm-up first, medians and p10-p90):
   fused_optim SMMF <backend>       the fused kernels (cpu / cuda / triton on a GPU)
   fused_optim SMMF reference       the project's per-tensor PyTorch implementation of the authors'
                                    algorithm (their SMMF.py is not a package; the reference is
