@@ -5,11 +5,12 @@
 Method. All candidates of a case are built side by side in one process. Each repetition steps every
 candidate once, in a new shuffled order (seeded by the repetition), so machine noise and ordering
 effects fall on all of them alike (a fixed round-robin gives each candidate the same predecessor
-every time). Warm-up steps come first (the first step allocates the optimizer state). One step is timed with time.perf_counter on CPU, with CUDA events after a
-synchronize on GPU (so host-side launch overhead counts). Reported: median and p10-p90 in ms; the
-speedup is median(torch fused) / median(candidate) from the same run. Gradients are filled once with
-randn and reused: the steps only read them, except torch's clip_grad_norm_, which rescales them in
-place, so the clip baselines get their own copy.
+every time). Warm-up steps come first (the first step allocates the optimizer state). One step is
+timed with time.perf_counter on CPU, with CUDA events after a synchronize on GPU (so host-side
+launch overhead counts). Reported: median and p10-p90 in ms; the speedup is median(torch fused) /
+median(candidate) from the same run. Gradients are filled once with randn and reused: the steps only
+read them, except torch's clip_grad_norm_, which rescales them in place, so the clip baselines get
+their own copy.
 
 Bytes model: the minimum a step must move, charged to EVERY candidate of a case.
   AdamW without amsgrad reads param, grad, exp_avg, exp_avg_sq and writes param, exp_avg,

@@ -561,6 +561,48 @@ def test_native_waves(backend, flavour, monkeypatch):
             assert torch.equal(a, b)
 
 
+_FEWER_THREADS_SCRIPT = textwrap.dedent(
+    """
+    import sys, torch
+    import fused_optim, fused_optim.transformers
+    torch.set_num_threads(int(sys.argv[2]))
+    torch.manual_seed(0)
+    shapes = [(300, 500), (7,), (30, 20), (2, 40, 25), (9000,), (70000, 1)]
+    out = []
+    for make in (lambda ps: fused_optim.Adafactor(ps, lr=1e-2, weight_decay=0.1, backend="cpu"),
+                 lambda ps: fused_optim.transformers.Adafactor(ps, beta1=0.9, backend="cpu")):
+        ps = [torch.randn(s) for s in shapes]
+        opt = make(ps)
+        for _ in range(3):
+            for p in ps:
+                p.grad = torch.randn_like(p)
+            opt.step()
+        out += ps
+    torch.save(out, sys.argv[1])
+    """
+)
+
+
+def test_native_fewer_threads_than_asked(tmp_path):
+    """The CPU kernel sizes its per-thread tile ranges by the threads it asks OpenMP for; OpenMP
+    may start fewer (OMP_THREAD_LIMIT), and the threads it did start then take the others'
+    ranges (csrc/cpu/adafactor.cpp: Schedule). Same bits as with the threads it asked for."""
+    runs = {}
+    for name, limit, threads in [("full", None, 2), ("limited", "1", 4)]:
+        env = {k: v for k, v in os.environ.items() if k not in ("OMP_THREAD_LIMIT", "TRITON_INTERPRET")}
+        if limit is not None:
+            env["OMP_THREAD_LIMIT"] = limit
+        path = tmp_path / f"{name}.pt"
+        proc = subprocess.run(
+            [sys.executable, "-c", _FEWER_THREADS_SCRIPT, str(path), str(threads)],
+            env=env, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        runs[name] = torch.load(path)
+    for a, b in zip(runs["full"], runs["limited"], strict=True):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("flavour", ["torch", "hf"])
 @pytest.mark.parametrize("backend", [pytest.param("triton", marks=triton_only)])
 def test_loops_over_blocks(backend, flavour, monkeypatch):

@@ -5,9 +5,9 @@
 // Phases 1, 3 and 5 each read the gradient (1 and 5 the param too), and on this kind of CPU a
 // read-only pass is bound by read bandwidth: three passes over memory made the step slower than
 // AdamW's single one. So the region runs the phases wave by wave, a wave being consecutive
-// tensors whose gradient, param and per-element state fit in half the L3 cache, with the same
-// tiles given to the same thread in every phase: phases 3 and 5 then re-read from cache, and
-// only a tensor larger than the budget is streamed from memory three times.
+// tensors whose gradient, param and per-element state fit in half the L3 cache, each thread
+// mostly re-reading the tiles it read in phase 1 (class Schedule): phases 3 and 5 then re-read
+// from cache, and only a tensor larger than the budget is streamed from memory three times.
 //
 // Phase 3 is skipped for most matrices: with rr_i^2 = M / r_i (M the mean of the row statistics,
 // clamped as the row factor takes it) and no product rr_i rc_j reaching the cap,
@@ -196,7 +196,8 @@ int64_t wave_budget() {
 
 // Thread `tid` of `n`'s share of tiles [begin, end), `upto[w]` being the elements of the tiles
 // before w: contiguous, of about equal elements (a wave's tiles range from a bias to 64K), and
-// the same for every phase of a wave, so a tile is read by the same core in phases 1, 3 and 5.
+// the same for every phase of a wave, so a tile is mostly read by the same thread in phases 1, 3
+// and 5.
 std::pair<int64_t, int64_t> share_tiles(const std::vector<int64_t>& upto, int64_t begin,
                                         int64_t end, int tid, int n) {
   const auto at = [&](int k) {
@@ -219,11 +220,12 @@ int region_threads() {
 #endif
 }
 
-// Runs body(tid, n) once per thread of one parallel region of n = region_threads() threads.
+// Runs body(tid, n) on the threads of one parallel region of n threads (n = region_threads(),
+// taken once by the caller, who may have sized per-thread data by it). OpenMP may start fewer:
+// tid then does not cover [0, n), and the work has to be shared so that it does not matter.
 template <typename Body>
-void in_parallel_region(const Body& body) {
+void in_parallel_region(int n, const Body& body) {
 #ifdef _OPENMP
-  const int n = region_threads();
   if (n > 1) {
 #pragma omp parallel num_threads(n)
     body(omp_get_thread_num(), n);
@@ -234,8 +236,9 @@ void in_parallel_region(const Body& body) {
 }
 
 // A range of indices taken one at a time from either end by any thread: its owner from one end,
-// the others from the other end once their own ranges are used up.
-class TwoEnded {
+// the others from the other end once their own ranges are used up. A cache line each: the owner
+// updates it once per tile.
+class alignas(64) TwoEnded {
  public:
   void reset(int64_t begin, int64_t end) {
     base_ = begin;
@@ -263,10 +266,11 @@ class TwoEnded {
 
 // How a region's threads share each wave's work. Tiles: per phase, one contiguous range per
 // thread of about equal elements (share_tiles), the same in every phase so that a tile is
-// re-read by the core that read it; a thread done with its range then takes what is left of the
-// others' from their far ends, so that the barrier after the phase does not wait on one core
-// while another idles (the two cores here drift apart by 2-6 ms a step over phase 1 alone).
-// Matrices: one at a time to whichever thread asks next.
+// mostly re-read by the thread that read it; a thread done with its range then takes what is
+// left of the others' from their far ends, so that the barrier after the phase does not wait on
+// one core while another idles (the two cores here drift apart by 2-6 ms a step over phase 1
+// alone). A range whose thread OpenMP did not start is taken by the others. Matrices: one at a
+// time to whichever thread asks next.
 class Schedule {
  public:
   enum TilePass { kStats, kUnorm, kApply, kTilePasses };
@@ -285,6 +289,8 @@ class Schedule {
       matrices_[k].store(wv.matrix0, std::memory_order_relaxed);
     }
   }
+
+  int threads() const { return n_; }
 
   // f(w) for every tile w of wave k, over all threads calling it: first the thread's own range
   // (first to last, or last to first), then the rest of the others'.
@@ -584,9 +590,7 @@ struct Phases {
     }
   }
 
-  // Phase 5: per tile, the update. Tiles are visited last to first: most matrices skip phase 3,
-  // and the tiles phase 1 read last are the likeliest to be still in cache when a wave is larger
-  // than the cache (a matrix above the wave budget always is).
+  // Phase 5: per tile, the update.
   template <bool kHf, bool kMomentum>
   void apply(int64_t begin, int64_t end) {
     static const auto fac = pick_isa(apply_row_base<P, S, true, kHf, kMomentum>,
@@ -595,7 +599,7 @@ struct Phases {
     static const auto full = pick_isa(apply_row_base<P, S, false, kHf, kMomentum>,
                                       apply_row_avx2<P, S, false, kHf, kMomentum>,
                                       apply_row_avx512<P, S, false, kHf, kMomentum>);
-    for (int64_t w = end - 1; w >= begin; --w) {
+    for (int64_t w = begin; w < end; ++w) {
       const WorkItem item = a.tiles[w];
       const AdafactorTensor& t = a.tensors[item.tensor];
       const AdafactorTile x = adafactor_tile(t, item.chunk);
@@ -661,7 +665,7 @@ struct Phases {
   // wave as run() (the sums of a wave's tensors are written by thread 0).
   void run_shard_phase(const std::vector<Wave>& all, Schedule& plan, double lr,
                        void (Phases::*apply_fn)(int64_t, int64_t)) {
-    in_parallel_region([&](int tid, int) {
+    in_parallel_region(plan.threads(), [&](int tid, int) {
       std::vector<float> col_acc, q_acc;
       for (size_t k = 0; k < all.size(); ++k) {
         const Wave& wv = all[k];
@@ -698,7 +702,7 @@ struct Phases {
       run_shard_phase(all, plan, lr, apply_fn);
       return;
     }
-    in_parallel_region([&](int tid, int) {
+    in_parallel_region(plan.threads(), [&](int tid, int) {
       std::vector<float> col_acc, q_acc;
       std::vector<double> col_sums;
       for (size_t k = 0; k < all.size(); ++k) {
@@ -712,7 +716,9 @@ struct Phases {
         barrier();
         if (tid == 0) scalars(wv.tensor0, wv.tensor1, lr);
         barrier();
-        // No barrier after the update: the next wave touches other tensors and other slots.
+        // No barrier after the update: the next wave touches other tensors and other slots. Last
+        // to first: most matrices skip phase 3, and the tiles phase 1 read last are the likeliest
+        // to be still in cache when a wave is larger than it (a matrix above the budget always is).
         plan.each_tile(k, Schedule::kApply, tid, true,
                        [&](int64_t w) { (this->*apply_fn)(w, w + 1); });
       }
