@@ -119,8 +119,7 @@ __global__ void __launch_bounds__(kThreads) update_kernel(SmmfArgs a) {
       const bool valid = in_tile && e >= 0 && e < t.numel;
       if (valid) {
         float theta = load<P>(t.param, e);
-        const float m_old =
-            kMomentum ? smmf_signed(t.row_m[t.row0 + i], cm, (old >> lane) & 1u) : 0.0f;
+        const float m_old = kMomentum ? smmf_signed(t.row_m[t.row0 + i], cm, old, lane) : 0.0f;
         smmf_element<kMomentum, kL2>(theta, load<P>(t.grad, e) * mult, m_old,
                                      t.row_v[t.row0 + i] * cv, s, m, v);
         store<P>(t.param, e, theta);
