@@ -371,6 +371,23 @@ def test_deterministic(backend):
         assert all(torch.equal(u, v) for u, v in zip(x, y, strict=True))
 
 
+@pytest.mark.skipif(_CPU_REASON is not None, reason=str(_CPU_REASON))
+def test_cpu_bits_do_not_depend_on_the_thread_count():
+    """The CPU's threads take tiles as they come: which thread did a tile must not show."""
+    shapes = [(1200, 700), (768,), (300, 7), (5, 3)] * 2  # several tiles each for the large ones
+    before = torch.get_num_threads()
+    runs = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            runs.append(_run("cpu", dict(weight_decay=0.1), shapes=shapes, steps=2).lists())
+    finally:
+        torch.set_num_threads(before)
+    for other in runs[1:]:
+        for x, y in zip(runs[0], other, strict=True):
+            assert all(torch.equal(u, v) for u, v in zip(x, y, strict=True))
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_bad_arguments_raise(backend):
     device = _device(backend)

@@ -11,6 +11,7 @@
 #endif
 
 #include <algorithm>
+#include <atomic>
 #include <vector>
 
 #include "dtype.h"
@@ -229,10 +230,10 @@ struct Passes {
     for (int64_t j = lo; j < hi; ++j) theta[j] = th[j];
   }
 
-  // Pass 1 over tiles [begin, end).
-  void update(int64_t begin, int64_t end) {
+  // Pass 1 over the tiles `next` hands out, one at a time.
+  void update(std::atomic<int64_t>& next) {
     std::vector<float> col_m, col_v;
-    for (int64_t w = begin; w < end; ++w) {
+    for (int64_t w; (w = next.fetch_add(1, std::memory_order_relaxed)) < a.n_tiles;) {
       const WorkItem item = a.tiles[w];
       const SmmfTensor& t = a.tensors[item.tensor];
       const SmmfTile x = smmf_tile(t, item.chunk);
@@ -317,7 +318,12 @@ struct Passes {
   }
 
   void run() {
-    at::parallel_for(0, a.n_tiles, 1, [&](int64_t b, int64_t e) { update(b, e); });
+    // Tiles range from a row of a bias to 2^18 elements: halves of the list by count left one
+    // thread ~13% more elements on GPT-2 shapes. A tile per fetch instead (a tile is ~1 MB of
+    // traffic; its partials do not depend on the thread).
+    std::atomic<int64_t> next{0};
+    const int64_t threads = std::min<int64_t>(at::get_num_threads(), a.n_tiles);
+    at::parallel_for(0, threads, 1, [&](int64_t, int64_t) { update(next); });
     at::parallel_for(0, a.n_parts, 1, [&](int64_t b, int64_t e) { finalize(b, e); });
   }
 };
