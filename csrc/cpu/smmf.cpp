@@ -247,8 +247,27 @@ struct Passes {
                  static_cast<P*>(t.exp_avg_sq) + x.col0, x.n_cols, mult, s);
         continue;
       }
-      col_m.assign(static_cast<size_t>(x.n_cols), 0.0f);
-      col_v.assign(static_cast<size_t>(x.n_cols), 0.0f);
+      // A tile under 32 columns wide (one partial sign word per row) runs its rows through
+      // 32-wide copies padded with zeros, the factors padded once per tile rather than every row
+      // copied to and from update_partial_word's pads. The padding lanes compute M = V = 0, so
+      // they add nothing to the sums and store 0 bits, as in update_partial_word.
+      const bool narrow = x.n_cols < kSmmfWordBits;
+      const int64_t width = narrow ? kSmmfWordBits : x.n_cols;
+      col_m.assign(static_cast<size_t>(width), 0.0f);
+      col_v.assign(static_cast<size_t>(width), 0.0f);
+      const float* cm = kMomentum ? t.col_m + x.col0 : nullptr;
+      const float* cv = t.col_v + x.col0;
+      float pad_cm[kWord] = {}, pad_cv[kWord] = {};
+      P pad_theta[kWord], pad_grad[kWord];
+      if (narrow) {
+        for (int64_t j = 0; j < x.n_cols; ++j) {
+          pad_cm[j] = kMomentum ? cm[j] : 0.0f;
+          pad_cv[j] = cv[j];
+        }
+        cm = kMomentum ? pad_cm : nullptr;
+        cv = pad_cv;
+        std::fill(pad_grad, pad_grad + kWord, P(0.0f));
+      }
       const SmmfPartials p = smmf_partials(t, a.partials);
       double tile_m = 0.0, tile_v = 0.0;
       for (int64_t i = x.row0; i < x.row0 + x.n_rows; ++i) {
@@ -260,9 +279,16 @@ struct Passes {
         if (lo > 0 || hi < x.n_cols) {
           update_cut_row(t, x, e, lo, hi, sign, row_m, row_v, s, col_m.data(), col_v.data(), &rm,
                          &rv);
+        } else if (narrow) {
+          std::fill(pad_theta + x.n_cols, pad_theta + kWord, P(0.0f));  // 0/0 with eps = 0 stays
+          std::copy(theta + e, theta + e + x.n_cols, pad_theta);
+          std::copy(grad + e, grad + e + x.n_cols, pad_grad);
+          row_fn(pad_theta, pad_grad, cm, cv, sign, row_m, row_v, kWord, mult, s, col_m.data(),
+                 col_v.data(), &rm, &rv);
+          std::copy(pad_theta, pad_theta + x.n_cols, theta + e);
         } else {
-          row_fn(theta + e, grad + e, kMomentum ? t.col_m + x.col0 : nullptr, t.col_v + x.col0,
-                 sign, row_m, row_v, x.n_cols, mult, s, col_m.data(), col_v.data(), &rm, &rv);
+          row_fn(theta + e, grad + e, cm, cv, sign, row_m, row_v, x.n_cols, mult, s, col_m.data(),
+                 col_v.data(), &rm, &rv);
         }
         p.row_m[i * t.col_tiles + x.cb] = rm;
         p.row_v[i * t.col_tiles + x.cb] = rv;
