@@ -1,6 +1,6 @@
 """Time one SMMF step: fused_optim.SMMF against what users would run instead.
 
-    python bench/bench_smmf.py [--cases gpt2-124m,2000x40x25] [--repeats N]
+    python bench/bench_smmf.py [--cases gpt2-124m,2000x40x25] [--repeats N] [--only 'SMMF cpu,torch']
 
 Candidates, side by side in one process (bench_adam.py's method: every candidate once per
 repetition in a shuffled order, warm-up first, medians and p10-p90):
@@ -93,6 +93,11 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
     ap.add_argument("--peak-gbps", type=float, help="device peak memory bandwidth, if torch cannot tell")
     ap.add_argument("--csv", type=Path, help="default: bench/results/bench_smmf_<device>.csv")
+    ap.add_argument(
+        "--only",
+        help="comma list of words: time only the candidates whose names contain one of them, e.g. "
+        "'SMMF cpu,torch' for quick pairs (default: all)",
+    )
     args = ap.parse_args(argv)
     t_start = time.perf_counter()
     device = torch.device(
@@ -120,6 +125,9 @@ def main(argv=None) -> int:
         shapes, cpu_repeats = CASES[name]
         repeats = args.repeats or (50 if on_gpu else cpu_repeats)
         cands = candidates(device, notes)
+        if args.only:
+            words = [w.strip() for w in args.only.split(",")]
+            cands = [c for c in cands if any(w in c.name for w in words)]
         print(f"[{time.perf_counter() - t_start:6.1f}s] {name}: {len(shapes)} tensors, "
               f"{len(cands)} candidates, {repeats} repeats", file=sys.stderr, flush=True)  # fmt: skip
         numel = run_case(name, shapes, cands, device, repeats, warmup, notes)

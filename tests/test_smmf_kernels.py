@@ -372,15 +372,21 @@ def test_deterministic(backend):
 
 
 @pytest.mark.skipif(_CPU_REASON is not None, reason=str(_CPU_REASON))
-def test_cpu_bits_do_not_depend_on_the_thread_count():
+@pytest.mark.parametrize(
+    "config, dtype",
+    [("adamw_decay", torch.float32), ("no_momentum", torch.float32), ("adam_l2", torch.bfloat16),
+     ("default", torch.float16)],
+)  # fmt: skip
+def test_cpu_bits_do_not_depend_on_the_thread_count(config, dtype):
     """The CPU's threads take tiles as they come: which thread did a tile must not show."""
-    shapes = [(1200, 700), (768,), (300, 7), (5, 3)] * 2  # several tiles each for the large ones
+    # several tiles each for the large ones; 768 -> 32 x 24 and (5, 3) are narrow (< 32 columns)
+    shapes = [(1200, 700), (768,), (300, 7), (5, 3)] * 2
     before = torch.get_num_threads()
     runs = []
     try:
         for threads in (1, 2, 3):
             torch.set_num_threads(threads)
-            runs.append(_run("cpu", dict(weight_decay=0.1), shapes=shapes, steps=2).lists())
+            runs.append(_run("cpu", CONFIGS[config], shapes=shapes, dtype=dtype, steps=2).lists())
     finally:
         torch.set_num_threads(before)
     for other in runs[1:]:

@@ -8,9 +8,7 @@
 #endif
 
 #include <stdint.h>
-#if !defined(__CUDACC__)
 #include <string.h>
-#endif
 
 // A float's bits and back (memcpy is how host C++ says it without undefined behaviour).
 FO_HOST_DEVICE uint32_t fo_float_as_bits(float x) {
