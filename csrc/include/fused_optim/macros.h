@@ -1,4 +1,4 @@
-// Portability macros for code compiled by both the host compiler and nvcc.
+// Portability macros and helpers for code compiled by both the host compiler and nvcc.
 #pragma once
 
 #if defined(__CUDACC__)
@@ -7,26 +7,14 @@
 #define FO_HOST_DEVICE inline
 #endif
 
-#include <stdint.h>
 #include <string.h>
 
-// A float's bits and back (memcpy is how host C++ says it without undefined behaviour).
-FO_HOST_DEVICE uint32_t fo_float_as_bits(float x) {
-#if defined(__CUDA_ARCH__)
-  return __float_as_uint(x);
-#else
-  uint32_t u;
-  memcpy(&u, &x, sizeof u);
-  return u;
-#endif
-}
-
-FO_HOST_DEVICE float fo_bits_as_float(uint32_t u) {
-#if defined(__CUDA_ARCH__)
-  return __uint_as_float(u);
-#else
-  float x;
-  memcpy(&x, &u, sizeof x);
-  return x;
-#endif
+// The bits of x as a To of the same size (std::bit_cast, C++20). memcpy is how C++17 says it
+// without undefined behaviour; compilers, nvcc's device pass included, turn it into a move.
+template <typename To, typename From>
+FO_HOST_DEVICE To fo_bit_cast(From x) {
+  static_assert(sizeof(To) == sizeof(From), "fo_bit_cast: sizes differ");
+  To y;
+  memcpy(&y, &x, sizeof y);
+  return y;
 }

@@ -86,7 +86,7 @@ FO_HOST_DEVICE SmmfScalars smmf_scalars(double lr, double t, double beta, double
 // off the CPU's pass 1 on data in cache.
 FO_HOST_DEVICE float smmf_signed(float r, float c, uint32_t word, int j) {
   const uint32_t negate = ~(word << (31 - j)) & 0x80000000u;
-  return fo_bits_as_float(fo_float_as_bits(r * c) ^ negate);
+  return fo_bit_cast<float>(fo_bit_cast<uint32_t>(r * c) ^ negate);
 }
 
 // One element: g is the raw gradient times grad_multiplier, m_old / v_old the decompressed (or
