@@ -20,6 +20,7 @@ import sys
 import pytest
 import torch
 
+import fused_optim
 from fused_optim import _backends, functional
 from fused_optim._reference.smmf import is_dense, sign_words, smmf_shape, unpack_signs
 
@@ -392,6 +393,33 @@ def test_cpu_bits_do_not_depend_on_the_thread_count(config, dtype):
     for other in runs[1:]:
         for x, y in zip(runs[0], other, strict=True):
             assert all(torch.equal(u, v) for u, v in zip(x, y, strict=True))
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, interpreter
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_inf_and_nan_gradients_spread_as_in_the_reference(backend):
+    """An inf or NaN gradient without GradScaler: the same elements end NaN as in the reference
+    (through the factors, a whole row or matrix), and the finite ones agree."""
+    device = _device(backend)
+
+    def run(backend, device):
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(s, device=device)) for s in [(40, 25), (64, 64), (7,)]]
+        opt = fused_optim.SMMF(params, lr=1e-2, weight_decay=0.1, backend=backend)
+        for k in range(3):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(k)).to(device)
+            if k == 1:
+                params[0].grad[3, 4] = float("inf")
+                params[1].grad[0, 0] = float("nan")
+            opt.step()
+        return [p.detach().cpu() for p in params]
+
+    ours, ref = run(backend, device), run("reference", torch.device("cpu"))
+    assert ours[0].isnan().any() and ours[1].isnan().any() and not ours[2].isnan().any()
+    for x, y in zip(ours, ref, strict=True):
+        assert torch.equal(x.isnan(), y.isnan())
+        torch.testing.assert_close(x, y, equal_nan=True)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
