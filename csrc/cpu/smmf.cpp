@@ -97,9 +97,11 @@ __attribute__((always_inline)) inline uint32_t update_word(
   return word;
 }
 
-// The last, partial word of a row (len < 32 columns): run through the vectorised word on copies
-// padded with zeros (a zero gradient on a zero param and zero factors: M = V = 0 there, so the
-// padding adds nothing to the sums and stores 0 bits), then the len real columns copied back.
+// The last, partial word of a row (len < 32 columns): run through the vectorised word on theta
+// and g copied into 32 lanes padded with zeros, then the len real columns copied back. The
+// column factors and accumulators are padded to whole words by the caller (once per tile, see
+// Passes::update), zeros past the matrix: a zero gradient on a zero param with zero factors gives
+// M = V = 0, so the padding adds nothing to the sums (with finite factors) and stores 0 bits.
 // Narrow matrices (m < 32) are all partial words; element by element they ran 5x slower.
 template <typename P, bool kMomentum, bool kL2, Pack8 kPack>
 __attribute__((always_inline)) inline uint32_t update_partial_word(
@@ -107,27 +109,19 @@ __attribute__((always_inline)) inline uint32_t update_partial_word(
     const float* __restrict__ cv, uint32_t old, float rm, float rv, float mult,
     const SmmfScalars& s, float* __restrict__ col_m_acc, float* __restrict__ col_v_acc,
     float* __restrict__ sum_m, float* __restrict__ sum_v, int len) {
-  P th[kWord] = {}, g[kWord] = {};
-  float c_m[kWord] = {}, c_v[kWord] = {}, acc_m[kWord] = {}, acc_v[kWord] = {};
-  for (int j = 0; j < len; ++j) {
-    th[j] = theta[j];
-    g[j] = grad[j];
-    c_m[j] = kMomentum ? cm[j] : 0.0f;
-    c_v[j] = cv[j];
-    acc_m[j] = col_m_acc[j];
-    acc_v[j] = col_v_acc[j];
-  }
-  const uint32_t word = update_word<P, kMomentum, kL2, kPack>(th, g, c_m, c_v, old, rm, rv, mult, s,
-                                                              acc_m, acc_v, sum_m, sum_v);
-  for (int j = 0; j < len; ++j) {
-    theta[j] = th[j];
-    col_m_acc[j] = acc_m[j];
-    col_v_acc[j] = acc_v[j];
-  }
+  P th[kWord], g[kWord];
+  std::copy(theta, theta + len, th);
+  std::copy(grad, grad + len, g);
+  std::fill(th + len, th + kWord, P(0.0f));
+  std::fill(g + len, g + kWord, P(0.0f));
+  const uint32_t word = update_word<P, kMomentum, kL2, kPack>(th, g, cm, cv, old, rm, rv, mult, s,
+                                                              col_m_acc, col_v_acc, sum_m, sum_v);
+  std::copy(th, th + len, theta);
   return word & ((1u << len) - 1u);  // padding bits stay 0, whatever the padded lanes computed
 }
 
-// Pass 1 on `n` elements of one matrix row, a sign word per 32 columns (the last one partial);
+// Pass 1 on `n` elements of one matrix row, a sign word per 32 columns (the last one partial;
+// cm, cv and the column accumulators padded to whole words with zeros, see update_partial_word);
 // returns the row's sums of |M| and V through row_m / row_v (from 8 independent lane sums: they
 // vectorise without reassociation).
 #define FO_DEFINE_UPDATE_ROW(suffix, attrs)                                                        \
@@ -187,6 +181,11 @@ FO_CPU_ISA_VARIANTS(FO_DEFINE_UPDATE_ROW)
 FO_CPU_ISA_VARIANTS(FO_DEFINE_UPDATE_DENSE)
 #undef FO_DEFINE_UPDATE_DENSE
 
+// A tile's width rounded up to whole sign words: the length of the column arrays pass 1 reads.
+size_t padded_width(int64_t cols) {
+  return static_cast<size_t>(smmf_sign_words(cols) * kSmmfWordBits);
+}
+
 double read_lr(const SmmfArgs& a) {
   if (a.lr_ptr == nullptr) return a.lr;
   return a.lr_is_f64 ? *static_cast<const double*>(a.lr_ptr)
@@ -218,7 +217,7 @@ struct Passes {
     const P* grad = static_cast<const P*>(t.grad) + e;
     const auto n = static_cast<size_t>(x.n_cols);
     std::vector<P> th(n, P(0.0f)), g(n, P(0.0f));
-    std::vector<float> cm(n, 0.0f), cv(n, 0.0f);
+    std::vector<float> cm(padded_width(x.n_cols), 0.0f), cv(cm.size(), 0.0f);  // whole words
     for (int64_t j = lo; j < hi; ++j) {
       th[j] = theta[j];
       g[j] = grad[j];
@@ -232,7 +231,7 @@ struct Passes {
 
   // Pass 1 over the tiles `next` hands out, one at a time.
   void update(std::atomic<int64_t>& next) {
-    std::vector<float> col_m, col_v;
+    std::vector<float> col_m, col_v, pad_m, pad_v;
     for (int64_t w; (w = next.fetch_add(1, std::memory_order_relaxed)) < a.n_tiles;) {
       const WorkItem item = a.tiles[w];
       const SmmfTensor& t = a.tensors[item.tensor];
@@ -247,27 +246,21 @@ struct Passes {
                  static_cast<P*>(t.exp_avg_sq) + x.col0, x.n_cols, mult, s);
         continue;
       }
-      // A tile under 32 columns wide (one partial sign word per row) runs its rows through
-      // 32-wide copies padded with zeros, the factors padded once per tile rather than every row
-      // copied to and from update_partial_word's pads. The padding lanes compute M = V = 0, so
-      // they add nothing to the sums (with finite factors) and store 0 bits, as in
-      // update_partial_word.
-      const bool narrow = x.n_cols < kSmmfWordBits;
-      const int64_t width = narrow ? kSmmfWordBits : x.n_cols;
-      col_m.assign(static_cast<size_t>(width), 0.0f);
-      col_v.assign(static_cast<size_t>(width), 0.0f);
+      // The column factors and accumulators padded with zeros to whole sign words, once per
+      // tile, for the rows' partial last words (update_partial_word); the factors are copied
+      // only when the tile's width is not whole words already.
+      const size_t width = padded_width(x.n_cols);
+      col_m.assign(width, 0.0f);
+      col_v.assign(width, 0.0f);
       const float* cm = kMomentum ? t.col_m + x.col0 : nullptr;
       const float* cv = t.col_v + x.col0;
-      float pad_cm[kWord] = {}, pad_cv[kWord] = {};
-      P pad_theta[kWord], pad_grad[kWord];
-      if (narrow) {
-        for (int64_t j = 0; j < x.n_cols; ++j) {
-          pad_cm[j] = kMomentum ? cm[j] : 0.0f;
-          pad_cv[j] = cv[j];
-        }
-        cm = kMomentum ? pad_cm : nullptr;
-        cv = pad_cv;
-        std::fill(pad_grad, pad_grad + kWord, P(0.0f));
+      if (width != static_cast<size_t>(x.n_cols)) {
+        pad_m.assign(width, 0.0f);
+        pad_v.assign(width, 0.0f);
+        if (kMomentum) std::copy(cm, cm + x.n_cols, pad_m.begin());
+        std::copy(cv, cv + x.n_cols, pad_v.begin());
+        cm = kMomentum ? pad_m.data() : nullptr;
+        cv = pad_v.data();
       }
       const SmmfPartials p = smmf_partials(t, a.partials);
       double tile_m = 0.0, tile_v = 0.0;
@@ -280,13 +273,6 @@ struct Passes {
         if (lo > 0 || hi < x.n_cols) {
           update_cut_row(t, x, e, lo, hi, sign, row_m, row_v, s, col_m.data(), col_v.data(), &rm,
                          &rv);
-        } else if (narrow) {
-          std::fill(pad_theta + x.n_cols, pad_theta + kWord, P(0.0f));  // 0/0 with eps = 0 stays
-          std::copy(theta + e, theta + e + x.n_cols, pad_theta);
-          std::copy(grad + e, grad + e + x.n_cols, pad_grad);
-          row_fn(pad_theta, pad_grad, cm, cv, sign, row_m, row_v, kWord, mult, s, col_m.data(),
-                 col_v.data(), &rm, &rv);
-          std::copy(pad_theta, pad_theta + x.n_cols, theta + e);
         } else {
           row_fn(theta + e, grad + e, cm, cv, sign, row_m, row_v, x.n_cols, mult, s, col_m.data(),
                  col_v.data(), &rm, &rv);
