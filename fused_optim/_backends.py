@@ -62,6 +62,22 @@ def _native_adam_group(params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_ste
     return step
 
 
+def _native_smmf_group(params, row_ms, col_ms, signs, row_vs, col_vs, exp_avgs, exp_avg_sqs, state_steps):
+    """The bucket's tensors held in C++ (fused_optim::SmmfGroup): a step passes only its grads."""
+    group = torch.classes.fused_optim.SmmfGroup(
+        params, row_ms, col_ms, signs, row_vs, col_vs, exp_avgs, exp_avg_sqs, state_steps
+    )
+    device = params[0].device
+
+    def step(grads, *, lr, beta, eps, weight_decay, decay_rate, growth_rate, vector_reshape, decoupled,
+             grad_scale=None, found_inf=None, clip_coef=None):  # fmt: skip
+        lr, lr_tensor = _split_lr(lr, device)
+        group.step(grads, lr, lr_tensor, beta, eps, weight_decay, decay_rate, growth_rate, vector_reshape,
+                   decoupled, grad_scale, found_inf, clip_coef)  # fmt: skip
+
+    return step
+
+
 _SHARD_KEYS = ("phase", "global_numels", "stats_at", "sums", "carry")
 
 
@@ -128,6 +144,7 @@ def _native():
         adafactor=_native_adafactor,
         adafactor_transformers=_native_adafactor_transformers,
         smmf=_native_smmf,
+        smmf_group=_native_smmf_group,
         global_norm=lambda tensors, norm_type, max_norm, grad_scale=None: torch.ops.fused_optim.global_norm(
             tensors, float(norm_type), float(max_norm), grad_scale
         ),

@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from conftest import backend_device_params, random_tensors
 from test_reference_smmf import AuthorsRule
 
 import fused_optim
@@ -172,3 +173,43 @@ def test_found_inf_skips_and_lr_tensor_and_clipping():
 
 def test_exported():
     assert fused_optim.SMMF is SMMF
+
+
+@pytest.mark.parametrize("backend,device", backend_device_params())
+@pytest.mark.parametrize("beta", [0.9, None])
+def test_cached_plan_follows_moved_tensors_and_changed_layouts(backend, device, beta):
+    """The native backend keeps each bucket's tensors and plan in C++ between steps (SmmfGroup);
+    it must notice a param whose .data was replaced, a state tensor replaced in opt.state or by
+    load_state_dict, grads in another layout and a param that is not row-major, and step as the
+    reference does through all of them."""
+    shapes = [(6, 5), (40,), (3, 3), (2, 7, 3), (7, 4)]
+    ours = [torch.nn.Parameter(t) for t in random_tensors(shapes, torch.float32, device, 1)]
+    ours[-1] = torch.nn.Parameter(ours[-1].detach().t())  # 4 x 7, column-major: working copies
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    # the column-major param in a group of its own: its working copies make its bucket plan anew
+    # every step, the other bucket's plan is kept
+    opt = SMMF([{"params": ours[:-1]}, {"params": ours[-1:]}], lr=1e-2, beta=beta, weight_decay=0.1,
+               backend=backend)  # fmt: skip
+    ref = SMMF([{"params": theirs[:-1]}, {"params": theirs[-1:]}], lr=1e-2, beta=beta, weight_decay=0.1,
+               backend="reference")  # fmt: skip
+    for step in range(8):
+        if step == 2:
+            for p, q in zip(ours, theirs, strict=True):
+                p.data = p.data.clone()  # new storage under the same Parameter
+                q.data = q.data.clone()
+        if step == 4:
+            opt.load_state_dict(copy.deepcopy(opt.state_dict()))  # every state tensor replaced
+            ref.load_state_dict(copy.deepcopy(ref.state_dict()))
+        if step == 6:
+            for o in (opt, ref):
+                s = o.state[o.param_groups[0]["params"][0]]
+                s["row_v"] = s["row_v"].clone()  # one state tensor replaced by the user
+        grads = random_tensors([p.shape for p in ours], torch.float32, device, 100 + step)
+        for p, q, g in zip(ours, theirs, grads, strict=True):
+            if step in (3, 5) and g.dim() == 2:
+                g = g.t().contiguous().t()  # same values, transposed strides
+            p.grad, q.grad = g, g.clone()
+        opt.step()
+        ref.step()
+        for i, (p, q) in enumerate(zip(ours, theirs, strict=True)):
+            torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=1e-6, msg=f"step {step}, {i}")

@@ -1,11 +1,14 @@
 // The SMMF operator (math/smmf.h): torch.ops.fused_optim.smmf_. Checks the tensor lists, views
 // every factorized param as its square-matricized matrix (row-major; working copies when a
 // tensor is not), or a shard as its run of that matrix, builds the tile / part plan and the
-// scratch, and runs the two passes.
+// scratch, and runs the two passes; and the SmmfGroup class that keeps an optimizer bucket's
+// tensors on the C++ side.
+#include <torch/custom_class.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
+#include <memory>
 #include <optional>
 #include <vector>
 
@@ -30,10 +33,10 @@ std::pair<int64_t, int64_t> smmf_shape(int64_t numel) {
 }
 
 // The authors' dense path: vector_reshape=False and exactly one dimension other than 1.
-bool takes_dense_path(const at::Tensor& p, bool vector_reshape) {
+bool takes_dense_path(at::IntArrayRef sizes, bool vector_reshape) {
   if (vector_reshape) return false;
   int64_t dims = 0;
-  for (const int64_t s : p.sizes()) dims += s != 1 ? 1 : 0;
+  for (const int64_t s : sizes) dims += s != 1 ? 1 : 0;
   return dims == 1;
 }
 
@@ -45,32 +48,46 @@ at::Tensor cpu_scratch(int64_t bytes) {
   return buffer;
 }
 
-void smmf_(at::TensorList params, at::TensorList grads, at::TensorList row_ms,
-           at::TensorList col_ms, at::TensorList signs, at::TensorList row_vs,
-           at::TensorList col_vs, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
-           at::TensorList steps, double lr, const std::optional<at::Tensor>& lr_tensor,
-           std::optional<double> beta, double eps, double weight_decay, double decay_rate,
-           double growth_rate, bool vector_reshape, bool decoupled,
-           const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
-           const std::optional<at::Tensor>& clip_coef, at::OptionalIntArrayRef global_numels,
-           at::OptionalIntArrayRef starts, const std::optional<at::Tensor>& sums) {
+// A checked SMMF call: its records, its tile and part plan and its kernel arguments, ready to
+// run.
+struct SmmfPlan {
+  at::Device device{at::kCPU};
+  bool momentum = false, vector_reshape = true, sharded = false;
+  std::vector<SmmfTensor> records;
+  std::vector<WorkItem> tiles, parts;
+  int64_t partials = 0;  // floats of partial sums
+  SmmfArgs args;
+  Layouts layouts;  // row-major working copies, when some tensor needed one
+};
+
+// Checks the tensor lists and builds the plan. Hyper-parameters are set by set_smmf_scalars,
+// the scratch and the sharded sums by run_smmf.
+std::unique_ptr<SmmfPlan> plan_smmf(at::TensorList params, at::TensorList grads,
+                                    at::TensorList row_ms, at::TensorList col_ms,
+                                    at::TensorList signs, at::TensorList row_vs,
+                                    at::TensorList col_vs, at::TensorList exp_avgs,
+                                    at::TensorList exp_avg_sqs, at::TensorList steps, bool momentum,
+                                    bool vector_reshape, at::OptionalIntArrayRef global_numels,
+                                    at::OptionalIntArrayRef starts) {
+  auto plan = std::make_unique<SmmfPlan>();
   const size_t n = params.size();
-  if (n == 0) return;
+  plan->momentum = momentum;
+  plan->vector_reshape = vector_reshape;
+  if (n == 0) return plan;
   TORCH_CHECK(grads.size() == n && steps.size() == n,
               "fused_optim: params, grads and state_steps must have the same length, got ", n, ", ",
               grads.size(), ", ", steps.size());
   // FSDP2 shards (_reference/smmf.py's smmf has the contract): params[i] is the run of elements
   // [starts[i], starts[i] + numel) of a param of global_numels[i] elements (-1: the dense path).
   const bool sharded = global_numels.has_value();
-  TORCH_CHECK(sharded == starts.has_value() && sharded == sums.has_value(),
-              "fused_optim: global_numels, starts and sums go together");
+  plan->sharded = sharded;
   TORCH_CHECK(!sharded || (global_numels->size() == n && starts->size() == n),
               "fused_optim: global_numels and starts need one entry per param");
-  const bool momentum = beta.has_value();
   std::vector<bool> dense_of(n);
   size_t n_dense = 0;
   for (size_t i = 0; i < n; ++i) {
-    dense_of[i] = sharded ? (*global_numels)[i] < 0 : takes_dense_path(params[i], vector_reshape);
+    dense_of[i] =
+        sharded ? (*global_numels)[i] < 0 : takes_dense_path(params[i].sizes(), vector_reshape);
     n_dense += dense_of[i] ? 1 : 0;
   }
   const size_t n_fac = n - n_dense;
@@ -86,31 +103,18 @@ void smmf_(at::TensorList params, at::TensorList grads, at::TensorList row_ms,
               ", ", col_ms.size(), ", ", signs.size(), " and ", exp_avgs.size());
 
   const at::Device device = params[0].device();
-  check_scalar_tensor(grad_scale, device, "grad_scale");
-  check_scalar_tensor(found_inf, device, "found_inf");
-  check_scalar_tensor(clip_coef, device, "clip_coef");
-
-  SmmfArgs args;
+  plan->device = device;
+  SmmfArgs& args = plan->args;
   args.param_dtype = to_dtype(params[0], "params[0]");
   args.momentum = momentum;
-  args.beta = momentum ? *beta : 0.0;
-  args.eps = eps;
-  args.weight_decay = weight_decay;
-  args.decay_rate = decay_rate;
-  args.growth_rate = growth_rate;
-  args.decoupled = decoupled;
-  args.lr = lr;
-  lr_source(lr_tensor, device, args.lr_ptr, args.lr_is_f64);
-  args.grad_scale = ptr_or_null(grad_scale);
-  args.found_inf = ptr_or_null(found_inf);
-  args.clip_coef = ptr_or_null(clip_coef);
 
   const bool cpu = device.is_cpu();
   const int64_t tile_elems = cpu ? kSmmfCpuTileElems : kSmmfCudaTileElems;
   const int64_t max_cols = cpu ? kSmmfCpuMaxCols : kSmmfCudaMaxCols;
-  Layouts layouts;
-  std::vector<SmmfTensor> records(n);
-  std::vector<WorkItem> tiles, parts;
+  Layouts& layouts = plan->layouts;
+  std::vector<SmmfTensor>& records = plan->records;
+  records.resize(n);
+  std::vector<WorkItem>&tiles = plan->tiles, &parts = plan->parts;
   int64_t partials = 0, sum_rows = 0, sum_cols = 0, sum_mats = 0;
   size_t next_fac = 0, next_dense = 0;
   for (size_t i = 0; i < n; ++i) {
@@ -205,49 +209,83 @@ void smmf_(at::TensorList params, at::TensorList grads, at::TensorList row_ms,
     }
   }
   check_distinct_params(records);
+  plan->partials = partials;
+  args.n_tensors = static_cast<int32_t>(n);
+  args.n_tiles = static_cast<int64_t>(tiles.size());
+  args.n_parts = static_cast<int64_t>(parts.size());
+  args.sums_rows = sum_rows;
+  args.sums_cols = sum_cols;
+  args.sums_mats = sum_mats;
+  return plan;
+}
 
-  // Scratch: the tile totals (doubles), then the partial sums.
-  const int64_t totals_bytes = static_cast<int64_t>(tiles.size()) * 16;
-  const int64_t bytes = totals_bytes + partials * 4;
+void set_smmf_scalars(SmmfArgs& args, const at::Device& device, double lr,
+                      const std::optional<at::Tensor>& lr_tensor, std::optional<double> beta,
+                      double eps, double weight_decay, double decay_rate, double growth_rate,
+                      bool decoupled, const std::optional<at::Tensor>& grad_scale,
+                      const std::optional<at::Tensor>& found_inf,
+                      const std::optional<at::Tensor>& clip_coef) {
+  check_scalar_tensor(grad_scale, device, "grad_scale");
+  check_scalar_tensor(found_inf, device, "found_inf");
+  check_scalar_tensor(clip_coef, device, "clip_coef");
+  args.beta = beta.value_or(0.0);
+  args.eps = eps;
+  args.weight_decay = weight_decay;
+  args.decay_rate = decay_rate;
+  args.growth_rate = growth_rate;
+  args.decoupled = decoupled;
+  args.lr = lr;
+  lr_source(lr_tensor, device, args.lr_ptr, args.lr_is_f64);
+  args.grad_scale = ptr_or_null(grad_scale);
+  args.found_inf = ptr_or_null(found_inf);
+  args.clip_coef = ptr_or_null(clip_coef);
+}
+
+// Runs a plan: the scratch (tile totals in doubles, then the partial sums), the sums of a
+// sharded step, the two passes.
+void run_smmf(SmmfPlan& plan, const std::optional<at::Tensor>& sums) {
+  if (plan.records.empty()) return;
+  TORCH_CHECK(plan.sharded == sums.has_value(),
+              "fused_optim: global_numels, starts and sums go together");
+  SmmfArgs& args = plan.args;
+  const at::Device device = plan.device;
+  const bool cpu = device.is_cpu();
+  const int64_t totals_bytes = args.n_tiles * 16;
+  const int64_t bytes = totals_bytes + plan.partials * 4;
   const at::Tensor scratch =
       cpu ? cpu_scratch(bytes)
           : at::empty({bytes}, at::TensorOptions().dtype(at::kByte).device(device));
   auto* base = static_cast<uint8_t*>(scratch.data_ptr());
   args.tile_totals = reinterpret_cast<double*>(base);
   args.partials = reinterpret_cast<float*>(base + totals_bytes);
-  args.n_tensors = static_cast<int32_t>(n);
-  args.n_tiles = static_cast<int64_t>(tiles.size());
-  args.n_parts = static_cast<int64_t>(parts.size());
-  if (sharded) {
+  args.sums = nullptr;
+  if (plan.sharded) {
     const at::Tensor& out = *sums;
+    const int64_t want = 2 * (args.sums_rows + args.sums_cols + args.sums_mats);
     check_same_device(out, device, "sums", 0);
-    TORCH_CHECK(out.scalar_type() == at::kDouble && out.is_contiguous() &&
-                    out.numel() == 2 * (sum_rows + sum_cols + sum_mats),
-                "fused_optim: sums must be a contiguous float64 tensor of ",
-                2 * (sum_rows + sum_cols + sum_mats), " elements (SmmfSums), got ",
-                out.scalar_type(), " of ", out.numel());
+    TORCH_CHECK(out.scalar_type() == at::kDouble && out.is_contiguous() && out.numel() == want,
+                "fused_optim: sums must be a contiguous float64 tensor of ", want,
+                " elements (SmmfSums), got ", out.scalar_type(), " of ", out.numel());
     args.sums = out.data_ptr<double>();
-    args.sums_rows = sum_rows;
-    args.sums_cols = sum_cols;
-    args.sums_mats = sum_mats;
   }
 
   if (cpu) {
-    args.tensors = records.data();
-    args.tiles = tiles.data();
-    args.parts = parts.data();
+    args.tensors = plan.records.data();
+    args.tiles = plan.tiles.data();
+    args.parts = plan.parts.data();
     smmf_cpu(args);
   } else {
 #ifdef FO_WITH_CUDA
     TORCH_CHECK(device.is_cuda(), "fused_optim: unsupported device ", device);
     c10::cuda::CUDAGuard guard(device);
     // Records, then the tiles, then the parts: one upload, cached by content.
-    std::vector<WorkItem> items = tiles;
-    items.insert(items.end(), parts.begin(), parts.end());
-    const DevicePlan plan = upload_plan(
-        pack_plan(records, items), records.size() * sizeof(SmmfTensor), args.n_tensors, device);
-    args.tensors = static_cast<const SmmfTensor*>(plan.records);
-    args.tiles = static_cast<const WorkItem*>(plan.items);
+    std::vector<WorkItem> items = plan.tiles;
+    items.insert(items.end(), plan.parts.begin(), plan.parts.end());
+    const DevicePlan uploaded =
+        upload_plan(pack_plan(plan.records, items), plan.records.size() * sizeof(SmmfTensor),
+                    args.n_tensors, device);
+    args.tensors = static_cast<const SmmfTensor*>(uploaded.records);
+    args.tiles = static_cast<const WorkItem*>(uploaded.items);
     args.parts = args.tiles + args.n_tiles;
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
     // The scratch is freed when this returns: allocated on this stream, it is handed out again
@@ -257,8 +295,122 @@ void smmf_(at::TensorList params, at::TensorList grads, at::TensorList row_ms,
     TORCH_CHECK(false, "fused_optim: this build has no CUDA kernels (device ", device, ")");
 #endif
   }
-  layouts.finish();
+  plan.layouts.finish();
 }
+
+void smmf_(at::TensorList params, at::TensorList grads, at::TensorList row_ms,
+           at::TensorList col_ms, at::TensorList signs, at::TensorList row_vs,
+           at::TensorList col_vs, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+           at::TensorList steps, double lr, const std::optional<at::Tensor>& lr_tensor,
+           std::optional<double> beta, double eps, double weight_decay, double decay_rate,
+           double growth_rate, bool vector_reshape, bool decoupled,
+           const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+           const std::optional<at::Tensor>& clip_coef, at::OptionalIntArrayRef global_numels,
+           at::OptionalIntArrayRef starts, const std::optional<at::Tensor>& sums) {
+  TORCH_CHECK(global_numels.has_value() == starts.has_value() &&
+                  global_numels.has_value() == sums.has_value(),
+              "fused_optim: global_numels, starts and sums go together");
+  auto plan = plan_smmf(params, grads, row_ms, col_ms, signs, row_vs, col_vs, exp_avgs, exp_avg_sqs,
+                        steps, beta.has_value(), vector_reshape, global_numels, starts);
+  if (plan->records.empty()) return;
+  set_smmf_scalars(plan->args, plan->device, lr, lr_tensor, beta, eps, weight_decay, decay_rate,
+                   growth_rate, decoupled, grad_scale, found_inf, clip_coef);
+  run_smmf(*plan, sums);
+}
+
+// The tensors of one optimizer bucket held on the C++ side with their checked plan, as AdamGroup
+// (ops/adam.cpp; the same contract with the bucket): a step passes only its grads, and re-checks
+// only them and the addresses the plan holds. With 2000 small tensors, boxing ten lists and
+// rebuilding the plan every step cost about as much as the update itself. Anything unusual
+// (a tensor that moved or changed shape, a grad in another layout, working copies) takes the
+// full path of smmf_.
+class SmmfGroup : public torch::CustomClassHolder {
+ public:
+  SmmfGroup(const std::vector<at::Tensor>& params, std::vector<at::Tensor> row_ms,
+            std::vector<at::Tensor> col_ms, std::vector<at::Tensor> signs,
+            std::vector<at::Tensor> row_vs, std::vector<at::Tensor> col_vs,
+            std::vector<at::Tensor> exp_avgs, std::vector<at::Tensor> exp_avg_sqs,
+            std::vector<at::Tensor> steps)
+      : row_ms_(std::move(row_ms)),
+        col_ms_(std::move(col_ms)),
+        signs_(std::move(signs)),
+        row_vs_(std::move(row_vs)),
+        col_vs_(std::move(col_vs)),
+        exp_avgs_(std::move(exp_avgs)),
+        exp_avg_sqs_(std::move(exp_avg_sqs)),
+        steps_(std::move(steps)) {
+    param_impls_.reserve(params.size());
+    for (const at::Tensor& p : params) param_impls_.push_back(p.unsafeGetTensorImpl());
+  }
+
+  void step(const std::vector<at::Tensor>& grads, double lr,
+            const std::optional<at::Tensor>& lr_tensor, std::optional<double> beta, double eps,
+            double weight_decay, double decay_rate, double growth_rate, bool vector_reshape,
+            bool decoupled, const std::optional<at::Tensor>& grad_scale,
+            const std::optional<at::Tensor>& found_inf,
+            const std::optional<at::Tensor>& clip_coef) {
+    const bool momentum = beta.has_value();
+    if (!plan_ || plan_->momentum != momentum || plan_->vector_reshape != vector_reshape ||
+        !reuse(grads)) {
+      std::vector<at::Tensor> params;
+      params.reserve(param_impls_.size());
+      for (c10::TensorImpl* impl : param_impls_) {
+        params.emplace_back(
+            c10::intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>::reclaim_copy(impl));
+      }
+      plan_ = plan_smmf(params, grads, row_ms_, col_ms_, signs_, row_vs_, col_vs_, exp_avgs_,
+                        exp_avg_sqs_, steps_, momentum, vector_reshape, std::nullopt, std::nullopt);
+    }
+    if (plan_->records.empty()) return;
+    set_smmf_scalars(plan_->args, plan_->device, lr, lr_tensor, beta, eps, weight_decay, decay_rate,
+                     growth_rate, decoupled, grad_scale, found_inf, clip_coef);
+    run_smmf(*plan_, std::nullopt);
+    if (plan_->layouts.used()) plan_.reset();  // working copies are per call
+  }
+
+ private:
+  // True when the cached plan still describes these tensors; then it takes the grads' addresses.
+  // Every tensor the plan points into is row-major in place (no working copies), so a grad is
+  // usable when it is contiguous like its param.
+  bool reuse(const std::vector<at::Tensor>& grads) {
+    if (plan_->layouts.used() || grads.size() != param_impls_.size()) return false;
+    size_t fac = 0, dense = 0;
+    for (size_t i = 0; i < grads.size(); ++i) {
+      const at::Tensor& g = grads[i];
+      const c10::TensorImpl* param = param_impls_[i];
+      const SmmfTensor& r = plan_->records[i];
+      if (!g.defined() || g.layout() != at::kStrided || g.device() != plan_->device ||
+          g.dtype() != param->dtype() || g.numel() != r.numel || param->numel() != r.numel ||
+          steps_[i].data_ptr() != r.step ||
+          (r.factored != 0) == takes_dense_path(param->sizes(), plan_->vector_reshape)) {
+        return false;
+      }
+      if (r.numel > 0 &&
+          (param->data() != r.param || !param->is_contiguous() || !g.is_contiguous())) {
+        return false;
+      }
+      const bool m = plan_->momentum;
+      const bool same =
+          r.factored
+              ? row_vs_[fac].data_ptr() == r.row_v && col_vs_[fac].data_ptr() == r.col_v &&
+                    (!m || (row_ms_[fac].data_ptr() == r.row_m &&
+                            col_ms_[fac].data_ptr() == r.col_m && signs_[fac].data_ptr() == r.sign))
+              : r.numel == 0 || (exp_avg_sqs_[dense].data_ptr() == r.exp_avg_sq &&
+                                 (!m || exp_avgs_[dense].data_ptr() == r.exp_avg));
+      if (!same) return false;
+      ++(r.factored ? fac : dense);
+    }
+    for (size_t i = 0; i < grads.size(); ++i) {
+      if (plan_->records[i].numel > 0) plan_->records[i].grad = grads[i].data_ptr();
+    }
+    return true;
+  }
+
+  std::vector<c10::TensorImpl*> param_impls_;
+  std::vector<at::Tensor> row_ms_, col_ms_, signs_, row_vs_, col_vs_, exp_avgs_, exp_avg_sqs_,
+      steps_;
+  std::unique_ptr<SmmfPlan> plan_;
+};
 
 }  // namespace
 
@@ -271,6 +423,11 @@ TORCH_LIBRARY_FRAGMENT(fused_optim, m) {
       "bool vector_reshape, bool decoupled, Tensor? grad_scale, Tensor? found_inf, "
       "Tensor? clip_coef, int[]? global_numels=None, int[]? starts=None, "
       "Tensor(j!)? sums=None) -> ()");
+  m.class_<SmmfGroup>("SmmfGroup")
+      .def(torch::init<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,
+                       std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,
+                       std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>>())
+      .def("step", &SmmfGroup::step);
 }
 
 TORCH_LIBRARY_IMPL(fused_optim, CPU, m) { m.impl("smmf_", &smmf_); }

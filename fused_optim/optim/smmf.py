@@ -336,12 +336,17 @@ class SMMF(AdafactorFamily):
                     self.state[p][key] = value
 
     def _make_run(self, backend, bucket, group, op_only: bool):
-        """Shards of FSDP2 params: the backend's step over this rank's runs of the square-matricized
+        """One process: the backend's own group object when it has one (the native one keeps the
+        tensors in C++, as Adam's), else one call over the bucket's lists.
+        Shards of FSDP2 params: the backend's step over this rank's runs of the square-matricized
         params adds their raw row and column sums to one flat buffer, reduced over the mesh with
         one all-reduce (shared with the other buckets: FusedOptimizer._step_in_lockstep), from
         which every rank writes the same new factors (SmmfSums.finish)."""
         if bucket.shard_key is None:
-            return super()._make_run(backend, bucket, group, op_only)
+            make = None if op_only else getattr(backend, "smmf_group", None)
+            if make is None:
+                return super()._make_run(backend, bucket, group, op_only)
+            return make(bucket.params, *self._lists(bucket.states))  # the native one: tensors in C++
         fn, params, lists = backend.smmf, bucket.params, self._lists(bucket.states)
         vector_reshape = group["vector_reshape"]
         dense = [is_dense(p, vector_reshape) for p in bucket.dtensors]
