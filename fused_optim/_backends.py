@@ -59,6 +59,7 @@ def _native_adam_group(params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_ste
         group.step(grads, lr, lr_tensor, beta1, beta2, eps, weight_decay, decoupled, amsgrad, maximize, adax,
                    grad_scale, found_inf, clip_coef)  # fmt: skip
 
+    step.plans = group.plans  # full plans built so far (tests: an unchanged step builds none)
     return step
 
 
@@ -75,6 +76,7 @@ def _native_smmf_group(params, row_ms, col_ms, signs, row_vs, col_vs, exp_avgs, 
         group.step(grads, lr, lr_tensor, beta, eps, weight_decay, decay_rate, growth_rate, vector_reshape,
                    decoupled, grad_scale, found_inf, clip_coef)  # fmt: skip
 
+    step.plans = group.plans
     return step
 
 

@@ -292,3 +292,78 @@ def test_sharded_buckets_step_in_lockstep_and_stop_at_a_failing_one():
             [(0, bucket, steps("A")), (0, bucket, steps("B", True)), (0, bucket, steps("C"))]
         )
     assert events == [("A", 0), ("A", 1), ("A", "done")]
+
+
+class _AdamWOverLists(fused_optim.AdamW):
+    """AdamW whose buckets always run the registered op over lists: the path without the native
+    backend's group object (AdamGroup), the oracle for it."""
+
+    def _make_run(self, backend, bucket, group, op_only):
+        return super()._make_run(backend, bucket, group, True)
+
+
+def test_cached_adam_plan_notices_tensors_changed_in_place():
+    """AdamGroup keeps a bucket's plan between steps. A param viewed as another dtype at the
+    same address steps as the op over lists does, bit for bit; a state resized in place is
+    refused with the op's error, changing nothing; an unchanged step builds no plan."""
+    results, errors = [], []
+    for cls in (fused_optim.AdamW, _AdamWOverLists):
+        params = [torch.nn.Parameter(t) for t in random_tensors([(6, 5), (40,)], torch.bfloat16, "cpu", 2)]
+        opt = cls(params, lr=1e-2)
+        for step in range(4):
+            if step == 2:
+                for p in params:
+                    p.data = p.data.view(torch.float16)
+                    for t in (opt.state[p]["exp_avg"], opt.state[p]["exp_avg_sq"]):
+                        t.data = t.data.view(torch.float16)
+            for i, p in enumerate(params):
+                p.grad = random_tensors([p.shape], torch.float32, "cpu", 10 * step + i)[0].to(p.dtype)
+            opt.step()
+        run = next(b.run for c in opt._buckets.values() for b in c.buckets)
+        if hasattr(run, "plans"):
+            built = run.plans()
+            opt.step()
+            assert run.plans() == built
+        else:
+            opt.step()
+        results.append([p.detach().clone() for p in params])
+        opt.state[params[0]]["exp_avg"].resize_(3)
+        before = [t.clone() for t in [*params, *opt.state[params[1]].values()]]
+        with pytest.raises(RuntimeError) as info:
+            opt.step()
+        errors.append(str(info.value))
+        assert all(
+            torch.equal(a, b) for a, b in zip(before, [*params, *opt.state[params[1]].values()], strict=True)
+        )
+    assert all(torch.equal(a, b) for a, b in zip(*results, strict=True))
+    assert errors[0] == errors[1]
+
+
+@pytest.mark.parametrize("make", [fused_optim.AdamW, fused_optim.SMMF], ids=["AdamW", "SMMF"])
+def test_dispatch_modes_see_the_step(make):
+    """Under a dispatch mode the step goes through the registered op (the native backends'
+    group objects would bypass the mode): the mode sees it, and FakeTensorMode leaves the real
+    params alone."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Seen(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    p = torch.nn.Parameter(torch.randn(6, 5))
+    opt = make([p], lr=1e-2)
+    p.grad = torch.randn(6, 5)
+    opt.step()  # the bucket's run is made here, outside any mode
+    with Seen() as seen:
+        opt.step()
+    assert any(op.startswith("fused_optim.") for op in seen.ops), seen.ops
+    before = p.detach().clone()
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        opt.step()
+    assert torch.equal(p.detach(), before)

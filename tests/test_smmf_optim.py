@@ -175,41 +175,103 @@ def test_exported():
     assert fused_optim.SMMF is SMMF
 
 
+class _OverLists(SMMF):
+    """SMMF whose buckets always run the registered op over lists: the path without the native
+    backend's group object (SmmfGroup), the oracle for it."""
+
+    def _make_run(self, backend, bucket, group, op_only):
+        return super()._make_run(backend, bucket, group, True)
+
+
+def _states(opt):
+    return [t for p in (q for g in opt.param_groups for q in g["params"]) for t in opt.state[p].values()]
+
+
 @pytest.mark.parametrize("backend,device", backend_device_params())
-@pytest.mark.parametrize("beta", [0.9, None])
-def test_cached_plan_follows_moved_tensors_and_changed_layouts(backend, device, beta):
-    """The native backend keeps each bucket's tensors and plan in C++ between steps (SmmfGroup);
-    it must notice a param whose .data was replaced, a state tensor replaced in opt.state or by
-    load_state_dict, grads in another layout and a param that is not row-major, and step as the
-    reference does through all of them."""
-    shapes = [(6, 5), (40,), (3, 3), (2, 7, 3), (7, 4)]
-    ours = [torch.nn.Parameter(t) for t in random_tensors(shapes, torch.float32, device, 1)]
+@pytest.mark.parametrize("beta,vector_reshape", [(0.9, True), (None, False)])
+def test_cached_plan_follows_moved_tensors_and_changed_layouts(backend, device, beta, vector_reshape):
+    """The native backend keeps each bucket's tensors and plan in C++ between steps (SmmfGroup).
+    It must step as the op over lists does, bit for bit, through: a param whose .data was
+    replaced, every state tensor's .data replaced (same Python objects, new memory), a param
+    viewed as another dtype at the same address, grads in another layout, a param that is not
+    row-major, an lr tensor changed in place and a GradScaler-skipped step; and an unchanged step
+    must build no new plan."""
+    shapes = [(6, 5), (40,), (3, 3), (2, 7, 3), (0, 3), (7, 4)]
+    dtype = torch.bfloat16
+    ours = [torch.nn.Parameter(t) for t in random_tensors(shapes, dtype, device, 1)]
     ours[-1] = torch.nn.Parameter(ours[-1].detach().t())  # 4 x 7, column-major: working copies
     theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
-    # the column-major param in a group of its own: its working copies make its bucket plan anew
-    # every step, the other bucket's plan is kept
-    opt = SMMF([{"params": ours[:-1]}, {"params": ours[-1:]}], lr=1e-2, beta=beta, weight_decay=0.1,
-               backend=backend)  # fmt: skip
-    ref = SMMF([{"params": theirs[:-1]}, {"params": theirs[-1:]}], lr=1e-2, beta=beta, weight_decay=0.1,
-               backend="reference")  # fmt: skip
-    for step in range(8):
-        if step == 2:
-            for p, q in zip(ours, theirs, strict=True):
-                p.data = p.data.clone()  # new storage under the same Parameter
-                q.data = q.data.clone()
-        if step == 4:
-            opt.load_state_dict(copy.deepcopy(opt.state_dict()))  # every state tensor replaced
-            ref.load_state_dict(copy.deepcopy(ref.state_dict()))
-        if step == 6:
-            for o in (opt, ref):
-                s = o.state[o.param_groups[0]["params"][0]]
-                s["row_v"] = s["row_v"].clone()  # one state tensor replaced by the user
+
+    def make(cls, params):
+        # the column-major param in a group of its own: its working copies make its bucket plan
+        # anew every step, the other bucket's plan is kept
+        lr = torch.tensor(1e-2, device=device)
+        return cls([{"params": params[:-1]}, {"params": params[-1:]}], lr=lr, beta=beta, weight_decay=0.1,
+                   vector_reshape=vector_reshape, backend=backend)  # fmt: skip
+
+    opt, twin = make(SMMF, ours), make(_OverLists, theirs)
+    for step in range(10):
+        for o, params in ((opt, ours), (twin, theirs)):
+            if step == 2:
+                for p in params:
+                    p.data = p.data.clone()  # new storage under the same Parameter
+            if step == 4:
+                for t in _states(o):
+                    t.data = t.data.clone()  # new storage under the same state tensors
+            if step == 5:  # the first group's params and dense moments: same addresses, fp16
+                for t in [*params[:-1], *(t for t in _states(o) if t.dtype == dtype)]:
+                    if t is not params[-1] and all(t is not u for u in o.state[params[-1]].values()):
+                        t.data = t.data.view(torch.float16)
+                o.param_groups[0]["lr"].fill_(5e-3)
+            o.found_inf = torch.ones((), device=device) if step == 6 else None
         grads = random_tensors([p.shape for p in ours], torch.float32, device, 100 + step)
         for p, q, g in zip(ours, theirs, grads, strict=True):
-            if step in (3, 5) and g.dim() == 2:
+            if step in (3, 7) and g.dim() == 2:
                 g = g.t().contiguous().t()  # same values, transposed strides
+            g = g.to(p.dtype)
             p.grad, q.grad = g, g.clone()
         opt.step()
-        ref.step()
+        twin.step()
         for i, (p, q) in enumerate(zip(ours, theirs, strict=True)):
-            torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=1e-6, msg=f"step {step}, {i}")
+            assert torch.equal(p.detach(), q.detach()), f"step {step}: params[{i}]"
+        for i, (a, b) in enumerate(zip(_states(opt), _states(twin), strict=True)):
+            assert torch.equal(a, b), f"step {step}: state tensor {i}"
+
+    def plans():  # of the buckets without the column-major param, which plan every step
+        return [b.run.plans() for c in opt._buckets.values() for b in c.buckets
+                if hasattr(b.run, "plans") and all(p is not ours[-1] for p in b.params)]  # fmt: skip
+
+    kept = plans()
+    assert (len(kept) > 0 and min(kept) >= 1) == (backend == "cpu")
+    opt.step()
+    assert plans() == kept
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda s: s["row_v"].resize_(1),
+        lambda s: setattr(s["sign"], "data", s["sign"].data.view(torch.float32)),
+        lambda s: s["col_v"].as_strided_((5,), (0,)),
+        lambda s: setattr(s["step"], "data", s["step"].data.view(torch.int32)),
+    ],
+    ids=["resized", "other-dtype", "overlapping", "step-dtype"],
+)
+def test_state_changed_in_place_is_refused_as_over_lists(change):
+    """A state tensor changed in place keeps its Python object and often its address: the
+    cached plan must notice, and the step refuse it with the op's error, changing nothing."""
+    errors = []
+    for cls in (SMMF, _OverLists):
+        params = [torch.nn.Parameter(t) for t in random_tensors([(6, 5), (40,)], torch.float32, "cpu", 3)]
+        opt = cls(params, lr=1e-2)
+        for p in params:
+            p.grad = torch.ones_like(p)
+        opt.step()
+        change(opt.state[params[0]])
+        before = [t.clone() for t in [*params, *opt.state[params[1]].values()]]
+        with pytest.raises((RuntimeError, TypeError)) as info:
+            opt.step()
+        errors.append(str(info.value))
+        after = [*params, *opt.state[params[1]].values()]
+        assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+    assert errors[0] == errors[1]

@@ -17,6 +17,7 @@ namespace {
 struct AdamPlan {
   at::Device device{at::kCPU};
   bool amsgrad = false;
+  at::ScalarType param_type = at::kFloat, state_type = at::kFloat;
   std::vector<AdamTensor> records;
   std::vector<WorkItem> items;
   AdamArgs args;
@@ -43,6 +44,8 @@ std::unique_ptr<AdamPlan> plan_adam(at::TensorList params, at::TensorList grads,
   plan->amsgrad = amsgrad;
   plan->args.param_dtype = to_dtype(params[0], "params[0]");
   plan->args.state_dtype = to_dtype(exp_avgs[0], "exp_avgs[0]");
+  plan->param_type = params[0].scalar_type();
+  plan->state_type = exp_avgs[0].scalar_type();
 
   Layouts& layouts = plan->layouts;
   std::vector<AdamTensor>& records = plan->records;
@@ -197,6 +200,7 @@ class AdamGroup : public torch::CustomClassHolder {
             c10::intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>::reclaim_copy(impl));
       }
       plan_ = plan_adam(params, grads, exp_avgs_, exp_avg_sqs_, max_exp_avg_sqs_, steps_, amsgrad);
+      ++plans_;
     }
     if (plan_->records.empty()) return;
     set_adam_scalars(plan_->args, plan_->device, lr, lr_tensor, beta1, beta2, eps, weight_decay,
@@ -205,21 +209,32 @@ class AdamGroup : public torch::CustomClassHolder {
     if (plan_->layouts.used()) plan_.reset();  // working copies are per call
   }
 
+  // How many full plans the steps so far have built (for tests: an unchanged step builds none).
+  int64_t plans() const { return plans_; }
+
  private:
   // True when the cached plan still describes these tensors; then it takes the grads' addresses.
+  // A tensor changed in place (.data =, set_, resize_, as_strided_) can keep its address: sizes,
+  // strides and dtypes are compared too, as plan_adam checks them.
   bool reuse(const std::vector<at::Tensor>& grads) {
     if (plan_->layouts.used() || grads.size() != param_impls_.size()) return false;
     for (size_t i = 0; i < grads.size(); ++i) {
       const at::Tensor& g = grads[i];
       const c10::TensorImpl* param = param_impls_[i];
       const AdamTensor& r = plan_->records[i];
+      auto same_state = [&](const at::Tensor& t, const void* ptr) {
+        return t.scalar_type() == plan_->state_type && t.sizes() == param->sizes() &&
+               t.strides() == param->strides() && t.data_ptr() == ptr;
+      };
       const bool same =
           g.defined() && g.layout() == at::kStrided && g.device() == plan_->device &&
-          g.dtype() == param->dtype() && g.numel() == r.numel && param->numel() == r.numel &&
-          g.is_non_overlapping_and_dense() && g.strides() == param->strides() &&
-          param->data() == r.param && exp_avgs_[i].data_ptr() == r.exp_avg &&
-          exp_avg_sqs_[i].data_ptr() == r.exp_avg_sq && steps_[i].data_ptr() == r.step &&
-          (!plan_->amsgrad || max_exp_avg_sqs_[i].data_ptr() == r.max_exp_avg_sq);
+          g.scalar_type() == plan_->param_type && param->dtype() == g.dtype() &&
+          g.numel() == r.numel && param->numel() == r.numel && g.is_non_overlapping_and_dense() &&
+          g.sizes() == param->sizes() && g.strides() == param->strides() &&
+          param->data() == r.param && same_state(exp_avgs_[i], r.exp_avg) &&
+          same_state(exp_avg_sqs_[i], r.exp_avg_sq) && steps_[i].data_ptr() == r.step &&
+          steps_[i].numel() == 1 && steps_[i].scalar_type() == at::kFloat &&
+          (!plan_->amsgrad || same_state(max_exp_avg_sqs_[i], r.max_exp_avg_sq));
       if (!same) return false;
     }
     for (size_t i = 0; i < grads.size(); ++i) plan_->records[i].grad = grads[i].data_ptr();
@@ -229,6 +244,7 @@ class AdamGroup : public torch::CustomClassHolder {
   std::vector<c10::TensorImpl*> param_impls_;
   std::vector<at::Tensor> exp_avgs_, exp_avg_sqs_, max_exp_avg_sqs_, steps_;
   std::unique_ptr<AdamPlan> plan_;
+  int64_t plans_ = 0;
 };
 
 }  // namespace
@@ -243,7 +259,8 @@ TORCH_LIBRARY_FRAGMENT(fused_optim, m) {
   m.class_<AdamGroup>("AdamGroup")
       .def(torch::init<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,
                        std::vector<at::Tensor>, std::vector<at::Tensor>>())
-      .def("step", &AdamGroup::step);
+      .def("step", &AdamGroup::step)
+      .def("plans", &AdamGroup::plans);
 }
 
 TORCH_LIBRARY_IMPL(fused_optim, CPU, m) { m.impl("adam_", &adam_); }

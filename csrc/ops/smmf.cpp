@@ -53,6 +53,7 @@ at::Tensor cpu_scratch(int64_t bytes) {
 struct SmmfPlan {
   at::Device device{at::kCPU};
   bool momentum = false, vector_reshape = true, sharded = false;
+  at::ScalarType param_type = at::kFloat;  // grads' and dense moments' too
   std::vector<SmmfTensor> records;
   std::vector<WorkItem> tiles, parts;
   int64_t partials = 0;  // floats of partial sums
@@ -106,6 +107,7 @@ std::unique_ptr<SmmfPlan> plan_smmf(at::TensorList params, at::TensorList grads,
   plan->device = device;
   SmmfArgs& args = plan->args;
   args.param_dtype = to_dtype(params[0], "params[0]");
+  plan->param_type = params[0].scalar_type();
   args.momentum = momentum;
 
   const bool cpu = device.is_cpu();
@@ -360,6 +362,7 @@ class SmmfGroup : public torch::CustomClassHolder {
       }
       plan_ = plan_smmf(params, grads, row_ms_, col_ms_, signs_, row_vs_, col_vs_, exp_avgs_,
                         exp_avg_sqs_, steps_, momentum, vector_reshape, std::nullopt, std::nullopt);
+      ++plans_;
     }
     if (plan_->records.empty()) return;
     set_smmf_scalars(plan_->args, plan_->device, lr, lr_tensor, beta, eps, weight_decay, decay_rate,
@@ -368,20 +371,27 @@ class SmmfGroup : public torch::CustomClassHolder {
     if (plan_->layouts.used()) plan_.reset();  // working copies are per call
   }
 
+  // How many full plans the steps so far have built (for tests: an unchanged step builds none).
+  int64_t plans() const { return plans_; }
+
  private:
   // True when the cached plan still describes these tensors; then it takes the grads' addresses.
   // Every tensor the plan points into is row-major in place (no working copies), so a grad is
-  // usable when it is contiguous like its param.
+  // usable when it is contiguous and shaped like its param. A tensor changed in place (.data =,
+  // set_, resize_, as_strided_) can keep its address: sizes, dtypes and layouts are compared too,
+  // as plan_smmf checks them.
   bool reuse(const std::vector<at::Tensor>& grads) {
     if (plan_->layouts.used() || grads.size() != param_impls_.size()) return false;
+    const bool m = plan_->momentum;
+    const at::ScalarType type = plan_->param_type;
     size_t fac = 0, dense = 0;
     for (size_t i = 0; i < grads.size(); ++i) {
       const at::Tensor& g = grads[i];
       const c10::TensorImpl* param = param_impls_[i];
       const SmmfTensor& r = plan_->records[i];
       if (!g.defined() || g.layout() != at::kStrided || g.device() != plan_->device ||
-          g.dtype() != param->dtype() || g.numel() != r.numel || param->numel() != r.numel ||
-          steps_[i].data_ptr() != r.step ||
+          g.scalar_type() != type || param->dtype() != g.dtype() || param->numel() != r.numel ||
+          g.sizes() != param->sizes() || !same_state(steps_[i], r.step, 1, at::kFloat) ||
           (r.factored != 0) == takes_dense_path(param->sizes(), plan_->vector_reshape)) {
         return false;
       }
@@ -389,14 +399,14 @@ class SmmfGroup : public torch::CustomClassHolder {
           (param->data() != r.param || !param->is_contiguous() || !g.is_contiguous())) {
         return false;
       }
-      const bool m = plan_->momentum;
       const bool same =
-          r.factored
-              ? row_vs_[fac].data_ptr() == r.row_v && col_vs_[fac].data_ptr() == r.col_v &&
-                    (!m || (row_ms_[fac].data_ptr() == r.row_m &&
-                            col_ms_[fac].data_ptr() == r.col_m && signs_[fac].data_ptr() == r.sign))
-              : r.numel == 0 || (exp_avg_sqs_[dense].data_ptr() == r.exp_avg_sq &&
-                                 (!m || exp_avgs_[dense].data_ptr() == r.exp_avg));
+          r.factored ? same_state(row_vs_[fac], r.row_v, r.rows, at::kFloat) &&
+                           same_state(col_vs_[fac], r.col_v, r.cols, at::kFloat) &&
+                           (!m || (same_state(row_ms_[fac], r.row_m, r.rows, at::kFloat) &&
+                                   same_state(col_ms_[fac], r.col_m, r.cols, at::kFloat) &&
+                                   same_state(signs_[fac], r.sign, r.rows * r.words, at::kInt)))
+                     : same_state(exp_avg_sqs_[dense], r.exp_avg_sq, r.numel, type) &&
+                           (!m || same_state(exp_avgs_[dense], r.exp_avg, r.numel, type));
       if (!same) return false;
       ++(r.factored ? fac : dense);
     }
@@ -406,10 +416,17 @@ class SmmfGroup : public torch::CustomClassHolder {
     return true;
   }
 
+  // A state tensor as the plan took it: the same memory, size and dtype, row-major.
+  static bool same_state(const at::Tensor& t, const void* ptr, int64_t numel, at::ScalarType type) {
+    return t.numel() == numel && t.scalar_type() == type && t.is_contiguous() &&
+           (numel == 0 || t.data_ptr() == ptr);
+  }
+
   std::vector<c10::TensorImpl*> param_impls_;
   std::vector<at::Tensor> row_ms_, col_ms_, signs_, row_vs_, col_vs_, exp_avgs_, exp_avg_sqs_,
       steps_;
   std::unique_ptr<SmmfPlan> plan_;
+  int64_t plans_ = 0;
 };
 
 }  // namespace
@@ -427,7 +444,8 @@ TORCH_LIBRARY_FRAGMENT(fused_optim, m) {
       .def(torch::init<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,
                        std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,
                        std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>>())
-      .def("step", &SmmfGroup::step);
+      .def("step", &SmmfGroup::step)
+      .def("plans", &SmmfGroup::plans);
 }
 
 TORCH_LIBRARY_IMPL(fused_optim, CPU, m) { m.impl("smmf_", &smmf_); }

@@ -648,27 +648,32 @@ class FusedOptimizer(torch.optim.Optimizer):
             return loss
 
         coefs = self._clip_coefficients(work, grad_scale) if self.max_grad_norm is not None else {}
-        calls = []  # (group index, bucket, grads, keyword arguments of its run)
+        calls = []  # (group index, bucket, its run, grads, keyword arguments of the run)
+        # Under a dispatch mode (FakeTensorMode, FlopCounterMode, memory trackers) every call goes
+        # through the registered ops, which the mode sees: a backend's group object (tensors
+        # held in C++) would bypass it and step the real tensors. (Compiling: ops only anyway.)
+        modes = not compiling and torch._C._len_torch_dispatch_stack() > 0
         for gi, group, bucket, grads in work:
             backend = self._backend_of(bucket)
             if bucket.backend is not backend or compiling:
                 op_only = compiling or bucket.traced
                 bucket.backend, bucket.run = backend, self._make_run(backend, bucket, group, op_only)
+            run = self._make_run(backend, bucket, group, True) if modes else bucket.run
             kw = dict(
                 self._hyper(group),
                 grad_scale=_on(grad_scale, bucket.device),
                 found_inf=_on(found_inf, bucket.device),
                 clip_coef=coefs.get(bucket.device),
             )
-            calls.append((gi, bucket, grads, kw))
-        if any(bucket.shard_key is not None for _, bucket, _, _ in calls):
+            calls.append((gi, bucket, run, grads, kw))
+        if any(bucket.shard_key is not None for _, bucket, _, _, _ in calls):
             # every bucket in the lockstep, in order: an error stops the step where it would
             # in one process
-            self._step_in_lockstep([(gi, b, _steps_of(b.run, grads, kw)) for gi, b, grads, kw in calls])
+            self._step_in_lockstep([(gi, b, _steps_of(run, grads, kw)) for gi, b, run, grads, kw in calls])
             return loss
-        for gi, bucket, grads, kw in calls:
+        for gi, bucket, run, grads, kw in calls:
             with self._errors_in_group_terms(gi, bucket):
-                bucket.run(grads, **kw)
+                run(grads, **kw)
         return loss
 
     @contextlib.contextmanager
