@@ -223,14 +223,14 @@ class AdamGroup : public torch::CustomClassHolder {
       const c10::TensorImpl* param = param_impls_[i];
       const AdamTensor& r = plan_->records[i];
       auto same_state = [&](const at::Tensor& t, const void* ptr) {
-        return t.scalar_type() == plan_->state_type && t.sizes() == param->sizes() &&
-               t.strides() == param->strides() && t.data_ptr() == ptr;
+        return t.scalar_type() == plan_->state_type &&
+               same_layout(*t.unsafeGetTensorImpl(), *param) && t.data_ptr() == ptr;
       };
       const bool same =
           g.defined() && g.layout() == at::kStrided && g.device() == plan_->device &&
           g.scalar_type() == plan_->param_type && param->dtype() == g.dtype() &&
-          g.numel() == r.numel && param->numel() == r.numel && g.is_non_overlapping_and_dense() &&
-          g.sizes() == param->sizes() && g.strides() == param->strides() &&
+          param->numel() == r.numel && g.is_non_overlapping_and_dense() &&
+          same_sizes(g.sizes(), param->sizes()) && same_layout(*g.unsafeGetTensorImpl(), *param) &&
           param->data() == r.param && same_state(exp_avgs_[i], r.exp_avg) &&
           same_state(exp_avg_sqs_[i], r.exp_avg_sq) && steps_[i].data_ptr() == r.step &&
           steps_[i].numel() == 1 && steps_[i].scalar_type() == at::kFloat &&
