@@ -113,9 +113,7 @@ void set_adam_scalars(AdamArgs& args, const at::Device& device, double lr,
                       bool adax, const std::optional<at::Tensor>& grad_scale,
                       const std::optional<at::Tensor>& found_inf,
                       const std::optional<at::Tensor>& clip_coef) {
-  check_scalar_tensor(grad_scale, device, "grad_scale");
-  check_scalar_tensor(found_inf, device, "found_inf");
-  check_scalar_tensor(clip_coef, device, "clip_coef");
+  set_step_tensors(args, device, grad_scale, found_inf, clip_coef);
   args.lr = lr;
   lr_source(lr_tensor, device, args.lr_ptr, args.lr_is_f64);
   args.beta1 = beta1;
@@ -126,9 +124,6 @@ void set_adam_scalars(AdamArgs& args, const at::Device& device, double lr,
   args.amsgrad = amsgrad;
   args.maximize = maximize;
   args.adax = adax;
-  args.grad_scale = ptr_or_null(grad_scale);
-  args.found_inf = ptr_or_null(found_inf);
-  args.clip_coef = ptr_or_null(clip_coef);
 }
 
 void run_adam(AdamPlan& plan) {
@@ -169,21 +164,15 @@ void adam_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
 // that moved, a grad with another layout, working copies) takes the full path of adam_.
 class AdamGroup : public torch::CustomClassHolder {
  public:
-  // Params are kept as raw TensorImpl pointers, without a strong or weak reference: either
-  // would make torch.utils.swap_tensors (module.to / load_state_dict with swapping) refuse
-  // them. The contract with the only caller, the optimizer's bucket (fused_optim/optim/
-  // _base.py): it holds the params, and it replaces this object before a step whenever a
-  // param's TensorImpl changed (it compares each param's _cdata every step).
+  // The params as RawParams (ops/common.h: the contract with the bucket).
   AdamGroup(const std::vector<at::Tensor>& params, std::vector<at::Tensor> exp_avgs,
             std::vector<at::Tensor> exp_avg_sqs, std::vector<at::Tensor> max_exp_avg_sqs,
             std::vector<at::Tensor> steps)
-      : exp_avgs_(std::move(exp_avgs)),
+      : params_(params),
+        exp_avgs_(std::move(exp_avgs)),
         exp_avg_sqs_(std::move(exp_avg_sqs)),
         max_exp_avg_sqs_(std::move(max_exp_avg_sqs)),
-        steps_(std::move(steps)) {
-    param_impls_.reserve(params.size());
-    for (const at::Tensor& p : params) param_impls_.push_back(p.unsafeGetTensorImpl());
-  }
+        steps_(std::move(steps)) {}
 
   void step(const std::vector<at::Tensor>& grads, double lr,
             const std::optional<at::Tensor>& lr_tensor, double beta1, double beta2, double eps,
@@ -191,15 +180,8 @@ class AdamGroup : public torch::CustomClassHolder {
             const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
             const std::optional<at::Tensor>& clip_coef) {
     if (!plan_ || plan_->amsgrad != amsgrad || !reuse(grads)) {
-      // Strong references only while a full plan is built (touching 2000 refcounts per step
-      // cost more than the reuse check itself).
-      std::vector<at::Tensor> params;
-      params.reserve(param_impls_.size());
-      for (c10::TensorImpl* impl : param_impls_) {
-        params.emplace_back(
-            c10::intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>::reclaim_copy(impl));
-      }
-      plan_ = plan_adam(params, grads, exp_avgs_, exp_avg_sqs_, max_exp_avg_sqs_, steps_, amsgrad);
+      plan_ = plan_adam(params_.tensors(), grads, exp_avgs_, exp_avg_sqs_, max_exp_avg_sqs_, steps_,
+                        amsgrad);
       ++plans_;
     }
     if (plan_->records.empty()) return;
@@ -217,10 +199,10 @@ class AdamGroup : public torch::CustomClassHolder {
   // A tensor changed in place (.data =, set_, resize_, as_strided_) can keep its address: sizes,
   // strides and dtypes are compared too, as plan_adam checks them.
   bool reuse(const std::vector<at::Tensor>& grads) {
-    if (plan_->layouts.used() || grads.size() != param_impls_.size()) return false;
+    if (plan_->layouts.used() || grads.size() != params_.size()) return false;
     for (size_t i = 0; i < grads.size(); ++i) {
       const at::Tensor& g = grads[i];
-      const c10::TensorImpl* param = param_impls_[i];
+      const c10::TensorImpl* param = params_[i];
       const AdamTensor& r = plan_->records[i];
       auto same_state = [&](const at::Tensor& t, const void* ptr) {
         return t.scalar_type() == plan_->state_type &&
@@ -241,7 +223,7 @@ class AdamGroup : public torch::CustomClassHolder {
     return true;
   }
 
-  std::vector<c10::TensorImpl*> param_impls_;
+  RawParams params_;
   std::vector<at::Tensor> exp_avgs_, exp_avg_sqs_, max_exp_avg_sqs_, steps_;
   std::unique_ptr<AdamPlan> plan_;
   int64_t plans_ = 0;

@@ -114,6 +114,21 @@ inline const float* ptr_or_null(const std::optional<at::Tensor>& t) {
   return t.has_value() ? t->data_ptr<float>() : nullptr;
 }
 
+// A step's GradScaler and clipping tensors (each a one-element float32 tensor or none), checked
+// and set on any kernel's arguments.
+template <typename Args>
+void set_step_tensors(Args& args, const at::Device& device,
+                      const std::optional<at::Tensor>& grad_scale,
+                      const std::optional<at::Tensor>& found_inf,
+                      const std::optional<at::Tensor>& clip_coef) {
+  check_scalar_tensor(grad_scale, device, "grad_scale");
+  check_scalar_tensor(found_inf, device, "found_inf");
+  check_scalar_tensor(clip_coef, device, "clip_coef");
+  args.grad_scale = ptr_or_null(grad_scale);
+  args.found_inf = ptr_or_null(found_inf);
+  args.clip_coef = ptr_or_null(clip_coef);
+}
+
 // The kernels walk each tensor as flat memory, so all tensors of one index must share one
 // dense layout. Params, grads and states almost always do; when one does not (a strided
 // view param, a grad assigned with other strides) it goes through a dense working copy.
@@ -162,6 +177,36 @@ class Layouts {
  private:
   std::vector<at::Tensor> keep_alive_;
   std::vector<std::pair<at::Tensor, at::Tensor>> write_back_;
+};
+
+// The params of an optimizer bucket held by a group object (AdamGroup, SmmfGroup) as raw
+// TensorImpl pointers, without a strong or weak reference: either would make
+// torch.utils.swap_tensors (module.to / load_state_dict with swapping) refuse them. The contract
+// with the only caller, the optimizer's bucket (fused_optim/optim/_base.py): it holds the
+// params, and it replaces the group object before a step whenever a param's TensorImpl changed
+// (it compares each param's _cdata every step).
+class RawParams {
+ public:
+  explicit RawParams(const std::vector<at::Tensor>& params) {
+    impls_.reserve(params.size());
+    for (const at::Tensor& p : params) impls_.push_back(p.unsafeGetTensorImpl());
+  }
+  size_t size() const { return impls_.size(); }
+  const c10::TensorImpl* operator[](size_t i) const { return impls_[i]; }
+  // Strong references, only while a full plan is built (touching 2000 refcounts per step cost
+  // more than the groups' reuse checks themselves).
+  std::vector<at::Tensor> tensors() const {
+    std::vector<at::Tensor> params;
+    params.reserve(impls_.size());
+    for (c10::TensorImpl* impl : impls_) {
+      params.emplace_back(
+          c10::intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>::reclaim_copy(impl));
+    }
+    return params;
+  }
+
+ private:
+  std::vector<c10::TensorImpl*> impls_;
 };
 
 // Whether tensor t still lays its elements out as `param` does (the groups' reuse checks, run for

@@ -227,9 +227,7 @@ void set_smmf_scalars(SmmfArgs& args, const at::Device& device, double lr,
                       bool decoupled, const std::optional<at::Tensor>& grad_scale,
                       const std::optional<at::Tensor>& found_inf,
                       const std::optional<at::Tensor>& clip_coef) {
-  check_scalar_tensor(grad_scale, device, "grad_scale");
-  check_scalar_tensor(found_inf, device, "found_inf");
-  check_scalar_tensor(clip_coef, device, "clip_coef");
+  set_step_tensors(args, device, grad_scale, found_inf, clip_coef);
   args.beta = beta.value_or(0.0);
   args.eps = eps;
   args.weight_decay = weight_decay;
@@ -238,9 +236,6 @@ void set_smmf_scalars(SmmfArgs& args, const at::Device& device, double lr,
   args.decoupled = decoupled;
   args.lr = lr;
   lr_source(lr_tensor, device, args.lr_ptr, args.lr_is_f64);
-  args.grad_scale = ptr_or_null(grad_scale);
-  args.found_inf = ptr_or_null(found_inf);
-  args.clip_coef = ptr_or_null(clip_coef);
 }
 
 // Runs a plan: the scratch (tile totals in doubles, then the partial sums), the sums of a
@@ -333,17 +328,15 @@ class SmmfGroup : public torch::CustomClassHolder {
             std::vector<at::Tensor> row_vs, std::vector<at::Tensor> col_vs,
             std::vector<at::Tensor> exp_avgs, std::vector<at::Tensor> exp_avg_sqs,
             std::vector<at::Tensor> steps)
-      : row_ms_(std::move(row_ms)),
+      : params_(params),
+        row_ms_(std::move(row_ms)),
         col_ms_(std::move(col_ms)),
         signs_(std::move(signs)),
         row_vs_(std::move(row_vs)),
         col_vs_(std::move(col_vs)),
         exp_avgs_(std::move(exp_avgs)),
         exp_avg_sqs_(std::move(exp_avg_sqs)),
-        steps_(std::move(steps)) {
-    param_impls_.reserve(params.size());
-    for (const at::Tensor& p : params) param_impls_.push_back(p.unsafeGetTensorImpl());
-  }
+        steps_(std::move(steps)) {}
 
   void step(const std::vector<at::Tensor>& grads, double lr,
             const std::optional<at::Tensor>& lr_tensor, std::optional<double> beta, double eps,
@@ -354,14 +347,9 @@ class SmmfGroup : public torch::CustomClassHolder {
     const bool momentum = beta.has_value();
     if (!plan_ || plan_->momentum != momentum || plan_->vector_reshape != vector_reshape ||
         !reuse(grads)) {
-      std::vector<at::Tensor> params;
-      params.reserve(param_impls_.size());
-      for (c10::TensorImpl* impl : param_impls_) {
-        params.emplace_back(
-            c10::intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>::reclaim_copy(impl));
-      }
-      plan_ = plan_smmf(params, grads, row_ms_, col_ms_, signs_, row_vs_, col_vs_, exp_avgs_,
-                        exp_avg_sqs_, steps_, momentum, vector_reshape, std::nullopt, std::nullopt);
+      plan_ =
+          plan_smmf(params_.tensors(), grads, row_ms_, col_ms_, signs_, row_vs_, col_vs_, exp_avgs_,
+                    exp_avg_sqs_, steps_, momentum, vector_reshape, std::nullopt, std::nullopt);
       ++plans_;
     }
     if (plan_->records.empty()) return;
@@ -381,13 +369,13 @@ class SmmfGroup : public torch::CustomClassHolder {
   // set_, resize_, as_strided_) can keep its address: sizes, dtypes and layouts are compared too,
   // as plan_smmf checks them.
   bool reuse(const std::vector<at::Tensor>& grads) {
-    if (plan_->layouts.used() || grads.size() != param_impls_.size()) return false;
+    if (plan_->layouts.used() || grads.size() != params_.size()) return false;
     const bool m = plan_->momentum;
     const at::ScalarType type = plan_->param_type;
     size_t fac = 0, dense = 0;
     for (size_t i = 0; i < grads.size(); ++i) {
       const at::Tensor& g = grads[i];
-      const c10::TensorImpl* param = param_impls_[i];
+      const c10::TensorImpl* param = params_[i];
       const SmmfTensor& r = plan_->records[i];
       if (!g.defined() || g.layout() != at::kStrided || g.device() != plan_->device ||
           g.scalar_type() != type || param->dtype() != g.dtype() || param->numel() != r.numel ||
@@ -422,7 +410,7 @@ class SmmfGroup : public torch::CustomClassHolder {
            (numel == 0 || t.data_ptr() == ptr);
   }
 
-  std::vector<c10::TensorImpl*> param_impls_;
+  RawParams params_;
   std::vector<at::Tensor> row_ms_, col_ms_, signs_, row_vs_, col_vs_, exp_avgs_, exp_avg_sqs_,
       steps_;
   std::unique_ptr<SmmfPlan> plan_;
