@@ -212,7 +212,7 @@ class AdamGroup : public torch::CustomClassHolder {
           g.defined() && g.layout() == at::kStrided && g.device() == plan_->device &&
           g.scalar_type() == plan_->param_type && param->dtype() == g.dtype() &&
           param->numel() == r.numel && g.is_non_overlapping_and_dense() &&
-          same_sizes(g.sizes(), param->sizes()) && same_layout(*g.unsafeGetTensorImpl(), *param) &&
+          same_ints(g.sizes(), param->sizes()) && same_layout(*g.unsafeGetTensorImpl(), *param) &&
           param->data() == r.param && same_state(exp_avgs_[i], r.exp_avg) &&
           same_state(exp_avg_sqs_[i], r.exp_avg_sq) && steps_[i].data_ptr() == r.step &&
           steps_[i].numel() == 1 && steps_[i].scalar_type() == at::kFloat &&

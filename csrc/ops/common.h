@@ -209,26 +209,22 @@ class RawParams {
   std::vector<c10::TensorImpl*> impls_;
 };
 
-// Whether tensor t still lays its elements out as `param` does (the groups' reuse checks, run for
-// thousands of tensors a step): contiguous both, the common case, costs two flags and no
-// comparison of sizes and strides (IntArrayRef's == calls memcmp).
-inline bool same_layout(const c10::TensorImpl& t, const c10::TensorImpl& param) {
-  if (t.numel() != param.numel()) return false;
-  if (t.is_contiguous() && param.is_contiguous()) return true;
-  const c10::IntArrayRef a = t.strides(), b = param.strides(), n = t.sizes(), m = param.sizes();
-  if (a.size() != b.size() || n.size() != m.size()) return false;
-  for (size_t k = 0; k < a.size(); ++k) {
-    if (a[k] != b[k] || n[k] != m[k]) return false;
-  }
-  return true;
-}
-
-inline bool same_sizes(c10::IntArrayRef a, c10::IntArrayRef b) {
+// Two sizes or strides arrays equal, without the memcmp call of IntArrayRef's == (the groups'
+// reuse checks compare thousands a step).
+inline bool same_ints(c10::IntArrayRef a, c10::IntArrayRef b) {
   if (a.size() != b.size()) return false;
   for (size_t k = 0; k < a.size(); ++k) {
     if (a[k] != b[k]) return false;
   }
   return true;
+}
+
+// Whether tensor t still lays its elements out as `param` does: contiguous both, the common
+// case, costs two flags and no comparison.
+inline bool same_layout(const c10::TensorImpl& t, const c10::TensorImpl& param) {
+  if (t.numel() != param.numel()) return false;
+  if (t.is_contiguous() && param.is_contiguous()) return true;
+  return same_ints(t.sizes(), param.sizes()) && same_ints(t.strides(), param.strides());
 }
 
 inline std::vector<WorkItem> make_items(const std::vector<int64_t>& numels) {

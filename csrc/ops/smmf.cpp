@@ -379,7 +379,7 @@ class SmmfGroup : public torch::CustomClassHolder {
       const SmmfTensor& r = plan_->records[i];
       if (!g.defined() || g.layout() != at::kStrided || g.device() != plan_->device ||
           g.scalar_type() != type || param->dtype() != g.dtype() || param->numel() != r.numel ||
-          !same_sizes(g.sizes(), param->sizes()) || !same_state(steps_[i], r.step, 1, at::kFloat) ||
+          !same_ints(g.sizes(), param->sizes()) || !same_state(steps_[i], r.step, 1, at::kFloat) ||
           (r.factored != 0) == takes_dense_path(param->sizes(), plan_->vector_reshape)) {
         return false;
       }
